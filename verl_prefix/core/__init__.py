@@ -1,0 +1,14 @@
+"""Exact three-phase shared-prefix schedule for Hugging Face causal LMs (pure torch + transformers)."""
+
+from .config import PrefixReuseConfig, ScheduleStats
+from .flops import FlopModel
+from .schedule import compute_log_probs, forward_backward, token_log_probs
+
+__all__ = [
+    "FlopModel",
+    "PrefixReuseConfig",
+    "ScheduleStats",
+    "compute_log_probs",
+    "forward_backward",
+    "token_log_probs",
+]

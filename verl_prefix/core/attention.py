@@ -1,0 +1,306 @@
+"""The attention function the schedule registers with transformers' `AttentionInterface`.
+
+A packed forward has batch size 1 and holds several *blocks*. A block is a run of rows of one
+group: its queries attend to the group's prefix K/V (if any) and, causally, to their own row.
+In Phase A each block is one prefix and this module captures that layer's post-RoPE K/V.
+In Phase B each block reads its group's captured prefix K/V leaves, so autograd accumulates
+grad_prefix_kv into them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+ATTENTION_NAME = "verl_prefix"
+
+
+@dataclass(frozen=True)
+class PrefixRef:
+    """Where a group's prefix K/V lives: Phase-A chunk and token range inside it."""
+
+    chunk: int
+    start: int
+    end: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class Block:
+    """Queries [q_start, q_end) of a packed forward: rows of lengths `row_lengths`, one group."""
+
+    q_start: int
+    q_end: int
+    row_lengths: tuple[int, ...]
+    prefix: PrefixRef | None
+
+
+@dataclass
+class PrefixKV:
+    """Per Phase-A chunk, per layer: the prefix K/V graph tensors and their grad-accumulating leaves.
+
+    Shapes are [1, num_kv_heads, chunk_tokens, head_dim] (post-RoPE keys, values as projected).
+    """
+
+    graph: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    leaves: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+
+    def layer_leaves(self, ref: PrefixRef, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.leaves[ref.chunk][layer]
+        return k[:, :, ref.start : ref.end], v[:, :, ref.start : ref.end]
+
+    def nbytes(self) -> int:
+        return sum(
+            k.numel() * k.element_size() + v.numel() * v.element_size()
+            for layers in self.leaves.values()
+            for k, v in layers
+        )
+
+
+@dataclass
+class AttentionContext:
+    """State the registered attention function reads during one packed forward.
+
+    mode "capture": blocks are prefixes; record K/V into `prefix_kv` for `chunk` (graph tensors
+    when `keep_graph`, leaves when `make_leaves`). mode "suffix": blocks read prefix leaves.
+    """
+
+    mode: Literal["capture", "suffix"]
+    blocks: tuple[Block, ...]
+    prefix_kv: PrefixKV
+    backend: str
+    chunk: int = -1
+    keep_graph: bool = False
+    make_leaves: bool = False
+    _cache: dict = field(default_factory=dict)
+
+
+_ACTIVE: AttentionContext | None = None
+
+
+@contextlib.contextmanager
+def active_context(ctx: AttentionContext) -> Iterator[AttentionContext]:
+    global _ACTIVE
+    previous, _ACTIVE = _ACTIVE, ctx
+    try:
+        yield ctx
+    finally:
+        _ACTIVE = previous
+
+
+def _block_mask(block: Block, device: torch.device) -> torch.Tensor | None:
+    """Boolean [q, prefix + q] mask: full prefix visibility, causal inside each row. None = plain causal."""
+    n = block.q_end - block.q_start
+    p = block.prefix.length if block.prefix else 0
+    if p == 0 and len(block.row_lengths) == 1:
+        return None
+    row_of = torch.repeat_interleave(
+        torch.arange(len(block.row_lengths), device=device),
+        torch.tensor(block.row_lengths, device=device),
+    )
+    idx = torch.arange(n, device=device)
+    own = (row_of[:, None] == row_of[None, :]) & (idx[None, :] <= idx[:, None])
+    return torch.cat([torch.ones(n, p, dtype=torch.bool, device=device), own], dim=1)
+
+
+def _prefix_for_block(ctx: AttentionContext, block: Block, layer: int):
+    if block.prefix is None or ctx.mode == "capture":
+        return None, None
+    return ctx.prefix_kv.layer_leaves(block.prefix, layer)
+
+
+def _sdpa(ctx: AttentionContext, layer: int, q, k, v, scaling: float, dropout: float) -> torch.Tensor:
+    """Reference path: one masked SDPA per block. Returns [1, heads, tokens, head_dim]."""
+    masks = ctx._cache.setdefault("sdpa_masks", {})
+    gqa = q.shape[1] != k.shape[1]
+    outs = []
+    for i, block in enumerate(ctx.blocks):
+        qs, qe = block.q_start, block.q_end
+        kb, vb = k[:, :, qs:qe], v[:, :, qs:qe]
+        kp, vp = _prefix_for_block(ctx, block, layer)
+        if kp is not None:
+            kb, vb = torch.cat([kp, kb], dim=2), torch.cat([vp, vb], dim=2)
+        if i not in masks:
+            masks[i] = _block_mask(block, q.device) if ctx.mode == "suffix" else None
+        mask = masks[i]
+        outs.append(
+            F.scaled_dot_product_attention(
+                q[:, :, qs:qe],
+                kb,
+                vb,
+                attn_mask=mask,
+                is_causal=mask is None,
+                dropout_p=dropout,
+                scale=scaling,
+                enable_gqa=gqa,
+            )
+        )
+    return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex_layout(ctx: AttentionContext, device: torch.device):
+    """Packed key layout [distinct prefixes of the blocks ; queries] and its BlockMask (cached)."""
+    if "flex" in ctx._cache:
+        return ctx._cache["flex"]
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    refs: list[PrefixRef] = []
+    for b in ctx.blocks:
+        if ctx.mode == "suffix" and b.prefix is not None and b.prefix not in refs:
+            refs.append(b.prefix)
+    n_prefix = sum(r.length for r in refs)
+    n_q = ctx.blocks[-1].q_end
+    # Per key token: owning block-set id for prefix tokens, row id for own tokens.
+    kv_prefix_id = torch.full((n_prefix + n_q,), -1, dtype=torch.long)
+    q_prefix_id = torch.full((n_q,), -2, dtype=torch.long)
+    row_id = torch.full((n_prefix + n_q,), -1, dtype=torch.long)
+    offset, row = 0, 0
+    for i, ref in enumerate(refs):
+        kv_prefix_id[offset : offset + ref.length] = i
+        offset += ref.length
+    for b in ctx.blocks:
+        if ctx.mode == "suffix" and b.prefix is not None:
+            q_prefix_id[b.q_start : b.q_end] = refs.index(b.prefix)
+        pos = b.q_start
+        for n in b.row_lengths:
+            row_id[n_prefix + pos : n_prefix + pos + n] = row
+            pos, row = pos + n, row + 1
+    q_row = row_id[n_prefix:].to(device)
+    kv_row, kv_prefix_id, q_prefix_id = row_id.to(device), kv_prefix_id.to(device), q_prefix_id.to(device)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        reads_prefix = kv_prefix_id[kv_idx] == q_prefix_id[q_idx]
+        own = (kv_row[kv_idx] == q_row[q_idx]) & (kv_idx - n_prefix <= q_idx)
+        return reads_prefix | own
+
+    block_mask = create_block_mask(mask_mod, None, None, n_q, n_prefix + n_q, device=device)
+    ctx._cache["flex"] = (refs, block_mask)
+    return ctx._cache["flex"]
+
+
+def _flex(ctx: AttentionContext, layer: int, q, k, v, scaling: float, dropout: float) -> torch.Tensor:
+    """FlexAttention over [each distinct prefix once ; packed queries]."""
+    if dropout:
+        raise ValueError("attention='flex' does not support attention dropout; use attention='sdpa'.")
+    refs, block_mask = _flex_layout(ctx, q.device)
+    if refs:
+        kvs = [ctx.prefix_kv.layer_leaves(r, layer) for r in refs]
+        k = torch.cat([kp for kp, _ in kvs] + [k], dim=2)
+        v = torch.cat([vp for _, vp in kvs] + [v], dim=2)
+    if q.is_cuda:
+        flex = _compiled_flex()
+    else:
+        from torch.nn.attention.flex_attention import flex_attention as flex
+    return flex(q, k, v, block_mask=block_mask, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _flash_varlen():
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError as exc:  # checked up front by the schedule; kept for direct callers
+        raise ValueError(
+            "attention='flash_attn' needs the flash-attn package: pip install 'verl-prefix[gpu]' "
+            "or use attention='sdpa'."
+        ) from exc
+    return flash_attn_varlen_func
+
+
+def _flash_attn(ctx: AttentionContext, layer: int, q, k, v, scaling: float, dropout: float) -> torch.Tensor:
+    """flash-attn varlen: per row, keys = [its prefix (copied) ; its own tokens], causal bottom-right."""
+    q_rows, k_rows, v_rows, q_lens, k_lens = [], [], [], [], []
+    for block in ctx.blocks:
+        kp, vp = _prefix_for_block(ctx, block, layer)
+        pos = block.q_start
+        for n in block.row_lengths:
+            q_rows.append(q[0, :, pos : pos + n])
+            kr, vr = k[0, :, pos : pos + n], v[0, :, pos : pos + n]
+            if kp is not None:
+                kr, vr = torch.cat([kp[0], kr], dim=1), torch.cat([vp[0], vr], dim=1)
+            k_rows.append(kr)
+            v_rows.append(vr)
+            q_lens.append(n)
+            k_lens.append(kr.shape[1])
+            pos += n
+
+    def cu(lens: list[int]) -> torch.Tensor:
+        return F.pad(torch.tensor(lens, device=q.device).cumsum(0), (1, 0)).to(torch.int32)
+
+    out = _flash_varlen()(
+        torch.cat(q_rows, dim=1).transpose(0, 1),
+        torch.cat(k_rows, dim=1).transpose(0, 1),
+        torch.cat(v_rows, dim=1).transpose(0, 1),
+        cu(q_lens),
+        cu(k_lens),
+        max(q_lens),
+        max(k_lens),
+        dropout_p=dropout,
+        softmax_scale=scaling,
+        causal=True,
+    )  # [tokens, heads, head_dim]
+    return out.transpose(0, 1).unsqueeze(0)
+
+
+_BACKENDS = {"sdpa": _sdpa, "flex": _flex, "flash_attn": _flash_attn}
+
+
+def prefix_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    s_aux: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention-interface function. query [1, H, T, D], key/value [1, Hkv, T, D].
+
+    Returns ([1, T, H, D], None) like transformers' sdpa_attention_forward.
+    """
+    ctx = _ACTIVE
+    if ctx is None:
+        raise RuntimeError(f"attn_implementation={ATTENTION_NAME!r} only runs inside verl_prefix.core schedule calls.")
+    if sliding_window is not None or softcap is not None or s_aux is not None:
+        raise ValueError(
+            f"{type(module).__name__} uses sliding-window, soft-capped or sink attention, which the "
+            "shared-prefix schedule does not support; disable it in the model config or train dense."
+        )
+    if query.shape[0] != 1:
+        raise RuntimeError("the shared-prefix schedule runs packed forwards with batch size 1.")
+    layer = module.layer_idx
+    if ctx.mode == "capture":
+        if ctx.keep_graph:
+            ctx.prefix_kv.graph.setdefault(ctx.chunk, []).append((key, value))
+        if ctx.make_leaves:
+            leaves = (key.detach().requires_grad_(), value.detach().requires_grad_())
+            ctx.prefix_kv.leaves.setdefault(ctx.chunk, []).append(leaves)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    out = _BACKENDS[ctx.backend](ctx, layer, query, key, value, scaling, dropout)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Register `prefix_attention` under ATTENTION_NAME (idempotent)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, prefix_attention)

@@ -1,0 +1,87 @@
+"""Configuration and per-call statistics of the shared-prefix schedule."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+AttentionBackend = Literal["sdpa", "flex", "flash_attn"]
+PrefixActivations = Literal["keep", "offload", "recompute"]
+
+ATTENTION_BACKENDS: tuple[str, ...] = ("sdpa", "flex", "flash_attn")
+PREFIX_ACTIVATION_MODES: tuple[str, ...] = ("keep", "offload", "recompute")
+
+
+@dataclass
+class PrefixReuseConfig:
+    """How the three-phase schedule packs, attends and stores.
+
+    Attributes:
+        max_tokens_per_micro_batch: token budget of one suffix micro-batch (sum of suffix lengths) and
+            of one Phase-A prefix chunk. A single suffix longer than the budget is an error; a single
+            prefix longer than it runs alone in its chunk (a prefix is never split). None = no limit.
+        attention: "sdpa" (masked reference, any device), "flex" (FlexAttention over packed
+            [prefixes ; suffixes], prefix K/V never duplicated; forward-only on CPU), or "flash_attn"
+            (varlen kernel, CUDA + flash-attn installed).
+        prefix_activations: what happens to the dormant prefix graph during Phase B: "keep" it,
+            "offload" its saved tensors to CPU, or "recompute" the prefix forward in Phase C.
+        min_prefix_tokens: groups whose shared prefix is shorter than this run dense.
+        temperature: logits are divided by it before log-softmax, as verl does.
+    """
+
+    max_tokens_per_micro_batch: int | None = 4096
+    attention: AttentionBackend = "sdpa"
+    prefix_activations: PrefixActivations = "keep"
+    min_prefix_tokens: int = 1
+    temperature: float = 1.0
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field and the fix for any unsupported value."""
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"PrefixReuseConfig.attention={self.attention!r} is unknown; use one of {ATTENTION_BACKENDS}."
+            )
+        if self.prefix_activations not in PREFIX_ACTIVATION_MODES:
+            raise ValueError(
+                f"PrefixReuseConfig.prefix_activations={self.prefix_activations!r} is unknown; "
+                f"use one of {PREFIX_ACTIVATION_MODES}."
+            )
+        if self.max_tokens_per_micro_batch is not None and self.max_tokens_per_micro_batch < 1:
+            raise ValueError(
+                f"PrefixReuseConfig.max_tokens_per_micro_batch={self.max_tokens_per_micro_batch} must be "
+                ">= 1 (or None for no limit)."
+            )
+        if self.min_prefix_tokens < 1:
+            raise ValueError(f"PrefixReuseConfig.min_prefix_tokens={self.min_prefix_tokens} must be >= 1.")
+        if not self.temperature > 0:
+            raise ValueError(f"PrefixReuseConfig.temperature={self.temperature} must be > 0.")
+
+
+@dataclass
+class ScheduleStats:
+    """What one schedule call did and cost.
+
+    Token counts are exact; `flop_bound` is the dense/reuse FLOP ratio of this batch (DESIGN.md §1:
+    token-linear work, causal attention pairs and the lm_head, training = 3x forward, plus one prefix
+    forward when prefix activations are recomputed). Seconds are wall time per phase. Peak memory is
+    in bytes per phase: CUDA `max_memory_allocated` (reset at each phase start) on GPU, the process's
+    peak resident set (reset through /proc/self/clear_refs) on CPU, None where neither is available.
+    """
+
+    rows: int = 0
+    groups: int = 0  # groups that share a prefix (run Phase A/C)
+    dense_rows: int = 0  # rows that share nothing and run as plain dense sequences
+    micro_batches: int = 0
+    prefix_tokens: int = 0  # prefix tokens computed (once per group)
+    suffix_tokens: int = 0  # tokens run in Phase B
+    dense_tokens: int = 0  # tokens a dense pass computes (sum of row lengths)
+    flop_bound: float = 1.0
+    seconds: dict[str, float] = field(default_factory=lambda: {"A": 0.0, "B": 0.0, "C": 0.0})
+    peak_memory_bytes: dict[str, int | None] = field(default_factory=lambda: {"A": None, "B": None, "C": None})
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(self.seconds.values())
+
+    def as_dict(self) -> dict:
+        return asdict(self)

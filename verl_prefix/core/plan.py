@@ -1,0 +1,139 @@
+"""Which tokens form each shared prefix, and how suffixes pack into micro-batches.
+
+Pure bookkeeping over token rows; no model, no autograd.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PrefixGroup:
+    """Rows that share `prefix_len` leading tokens. `prefix_len == 0` means one dense row."""
+
+    rows: tuple[int, ...]
+    prefix_len: int
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Consecutive rows of one group inside a packed micro-batch (they read the same prefix)."""
+
+    group: int
+    rows: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SchedulePlan:
+    """Groups, Phase-A prefix chunks (lists of group indices) and Phase-B micro-batches."""
+
+    groups: tuple[PrefixGroup, ...]
+    prefix_chunks: tuple[tuple[int, ...], ...]
+    micro_batches: tuple[tuple[Segment, ...], ...]
+
+    def prefix_refs(self) -> dict[int, tuple[int, int, int]]:
+        """Group index -> (chunk, start, end) of its prefix tokens in the packed Phase-A chunk."""
+        refs = {}
+        for c, chunk in enumerate(self.prefix_chunks):
+            offset = 0
+            for g in chunk:
+                refs[g] = (c, offset, offset + self.groups[g].prefix_len)
+                offset += self.groups[g].prefix_len
+        return refs
+
+
+def common_prefix_len(rows: Sequence[torch.Tensor]) -> int:
+    """Length of the longest common token prefix of 1-D tensors."""
+    first = rows[0]
+    lcp = len(first)
+    for other in rows[1:]:
+        n = min(lcp, len(other))
+        mismatch = (first[:n] != other[:n]).nonzero()
+        lcp = int(mismatch[0, 0]) if len(mismatch) else n
+        if lcp == 0:
+            break
+    return lcp
+
+
+def find_prefix_groups(
+    input_ids: Sequence[torch.Tensor],
+    response_start: Sequence[int],
+    group_ids: Sequence[Hashable],
+    min_prefix_tokens: int,
+) -> list[PrefixGroup]:
+    """Group rows by id and cut each group's shared prefix before every member's last prompt token.
+
+    The last prompt token stays in the suffix because its logit predicts the first response token.
+    Groups of one row, or whose shared prefix is shorter than `min_prefix_tokens`, become dense rows.
+    Groups keep the order of their first row; rows keep their order inside a group.
+    """
+    members: dict[Hashable, list[int]] = {}
+    for row, gid in enumerate(group_ids):
+        members.setdefault(gid, []).append(row)
+    groups: list[PrefixGroup] = []
+    for rows in members.values():
+        prefix_len = 0
+        if len(rows) > 1:
+            lcp = common_prefix_len([input_ids[r] for r in rows])
+            prefix_len = min(lcp, min(response_start[r] for r in rows) - 1)
+        if prefix_len >= max(1, min_prefix_tokens):
+            groups.append(PrefixGroup(tuple(rows), prefix_len))
+        else:
+            groups.extend(PrefixGroup((r,), 0) for r in rows)
+    return groups
+
+
+def _pack(items: Sequence[tuple[int, int]], budget: int | None) -> list[list[int]]:
+    """Greedy in-order packing of (key, tokens) into bins of at most `budget` tokens."""
+    bins: list[list[int]] = []
+    used = 0
+    for key, tokens in items:
+        if not bins or (budget is not None and used + tokens > budget):
+            bins.append([])
+            used = 0
+        bins[-1].append(key)
+        used += tokens
+    return bins
+
+
+def make_plan(
+    input_ids: Sequence[torch.Tensor],
+    response_start: Sequence[int],
+    group_ids: Sequence[Hashable],
+    max_tokens_per_micro_batch: int | None,
+    min_prefix_tokens: int,
+) -> SchedulePlan:
+    """Build the schedule: each group's prefix runs once; its suffixes may span micro-batches."""
+    lengths = [len(x) for x in input_ids]
+    groups = find_prefix_groups(input_ids, response_start, group_ids, min_prefix_tokens)
+    row_group = {r: g for g, grp in enumerate(groups) for r in grp.rows}
+
+    suffix_items = []
+    for grp in groups:
+        for r in grp.rows:
+            suffix = lengths[r] - grp.prefix_len
+            if max_tokens_per_micro_batch is not None and suffix > max_tokens_per_micro_batch:
+                raise ValueError(
+                    f"row {r} has a suffix of {suffix} tokens (prefix {grp.prefix_len} of {lengths[r]}), "
+                    f"more than max_tokens_per_micro_batch={max_tokens_per_micro_batch}; raise "
+                    "max_tokens_per_micro_batch to at least the longest suffix."
+                )
+            suffix_items.append((r, suffix))
+    micro_batches = []
+    for rows in _pack(suffix_items, max_tokens_per_micro_batch):
+        segments: list[Segment] = []
+        for r in rows:
+            g = row_group[r]
+            if segments and segments[-1].group == g:
+                segments[-1] = Segment(g, segments[-1].rows + (r,))
+            else:
+                segments.append(Segment(g, (r,)))
+        micro_batches.append(tuple(segments))
+
+    shared = [(g, grp.prefix_len) for g, grp in enumerate(groups) if grp.prefix_len > 0]
+    prefix_chunks = tuple(tuple(c) for c in _pack(shared, max_tokens_per_micro_batch))
+    return SchedulePlan(tuple(groups), prefix_chunks, tuple(micro_batches))

@@ -1,0 +1,377 @@
+"""The three-phase shared-prefix schedule for Hugging Face causal LMs.
+
+Phase A: each shared prefix runs forward once; every layer's post-RoPE K/V is captured and
+detached into leaves (`prefix_kv`). Phase B: suffixes (starting at the last prompt token) run as
+packed micro-batches whose attention reads [prefix K/V ; own K/V]; each micro-batch's loss is
+backpropagated, adding parameter grads and grad_prefix_kv into the leaves. Phase C: one prefix
+backward per chunk, seeded with the accumulated grad_prefix_kv. In real arithmetic the parameter
+gradients equal dense training over every row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import time
+from collections.abc import Callable, Hashable, Iterator, Sequence
+
+import torch
+
+from .attention import ATTENTION_NAME, AttentionContext, Block, PrefixKV, PrefixRef, active_context, register
+from .config import PrefixReuseConfig, ScheduleStats
+from .flops import FlopModel
+from .memory import phase_peak
+from .plan import SchedulePlan, Segment, make_plan
+
+LossFn = Callable[[list[int], list[torch.Tensor]], torch.Tensor]
+
+
+def forward_backward(
+    model: torch.nn.Module,
+    input_ids: Sequence[torch.Tensor],
+    response_start: Sequence[int],
+    group_ids: Sequence[Hashable],
+    loss_fn: LossFn,
+    config: PrefixReuseConfig | None = None,
+) -> ScheduleStats:
+    """Accumulate into `param.grad` the gradient of sum(loss_fn(...)) over all suffix micro-batches.
+
+    Args:
+        model: transformers causal LM (Llama, Qwen2, Qwen3, Qwen3-MoE, ...), in the mode the caller wants.
+        input_ids: one 1-D unpadded LongTensor per trajectory (prompt + response).
+        response_start: index of each row's first response token, 1 <= response_start[i] < len(row).
+        group_ids: rows with equal ids may share a prefix (verl's uid); the prefix actually shared is
+            the longest common token prefix of the group, cut before every member's last prompt token.
+        loss_fn: called once per micro-batch as loss_fn(indices, log_probs); log_probs[k] is the 1-D
+            tensor of log p(token t | tokens < t) over row indices[k]'s response tokens, logits divided
+            by config.temperature. Returns a scalar that is backpropagated.
+        config: PrefixReuseConfig (defaults when None).
+
+    Gradients are added to existing `.grad` (never zeroed here).
+    """
+    config = config or PrefixReuseConfig()
+    rows, device = _validate(model, input_ids, response_start, group_ids, config, needs_grad=True)
+    if not callable(loss_fn):
+        raise ValueError("loss_fn must be callable as loss_fn(indices, log_probs) -> scalar tensor.")
+    plan = make_plan(rows, response_start, group_ids, config.max_tokens_per_micro_batch, config.min_prefix_tokens)
+    stats = _new_stats(model, plan, rows, config)
+    mode = config.prefix_activations
+    prefix_kv = PrefixKV()
+    rng_states: dict[int, tuple] = {}
+
+    with _prefix_attention(model):
+        with _phase(stats, "A", device):
+            for c in range(len(plan.prefix_chunks)):
+                rng_states[c] = _rng_state(device)
+                if mode == "recompute":
+                    with torch.no_grad():
+                        _prefix_forward(model, plan, c, rows, prefix_kv, config, keep_graph=False)
+                elif mode == "offload":
+                    with torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda"):
+                        _prefix_forward(model, plan, c, rows, prefix_kv, config, keep_graph=True)
+                else:
+                    _prefix_forward(model, plan, c, rows, prefix_kv, config, keep_graph=True)
+
+        with _phase(stats, "B", device):
+            refs = _prefix_refs(plan)
+            for segments in plan.micro_batches:
+                indices, log_probs, _ = _suffix_forward(
+                    model, plan, segments, refs, rows, response_start, prefix_kv, config, entropy=False
+                )
+                loss = loss_fn(indices, log_probs)
+                if loss.requires_grad:
+                    loss.backward()
+
+        with _phase(stats, "C", device):
+            for c in range(len(plan.prefix_chunks)):
+                if mode == "recompute":
+                    with _restored_rng(device, rng_states[c]):
+                        _prefix_forward(model, plan, c, rows, prefix_kv, config, keep_graph=True, make_leaves=False)
+                graph = prefix_kv.graph.pop(c)
+                leaves = prefix_kv.leaves.pop(c)
+                outputs, grads = [], []
+                for graph_kv, leaf_kv in zip(graph, leaves):
+                    for out, leaf in zip(graph_kv, leaf_kv):
+                        if leaf.grad is not None and out.requires_grad:
+                            outputs.append(out)
+                            grads.append(leaf.grad)
+                if outputs:
+                    torch.autograd.backward(outputs, grads)
+                del graph, leaves, outputs, grads
+    return stats
+
+
+def compute_log_probs(
+    model: torch.nn.Module,
+    input_ids: Sequence[torch.Tensor],
+    response_start: Sequence[int],
+    group_ids: Sequence[Hashable],
+    config: PrefixReuseConfig | None = None,
+    return_entropy: bool = False,
+) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Response-token log-probs per row under no_grad, each shared prefix computed once.
+
+    Returns a list (row order) of 1-D tensors of length len(row) - response_start[row]; with
+    `return_entropy`, also the per-token entropies of the tempered distribution.
+    """
+    config = config or PrefixReuseConfig()
+    rows, _ = _validate(model, input_ids, response_start, group_ids, config, needs_grad=False)
+    plan = make_plan(rows, response_start, group_ids, config.max_tokens_per_micro_batch, config.min_prefix_tokens)
+    log_probs: list[torch.Tensor | None] = [None] * len(rows)
+    entropies: list[torch.Tensor | None] = [None] * len(rows)
+    prefix_kv = PrefixKV()
+    with torch.no_grad(), _prefix_attention(model):
+        for c in range(len(plan.prefix_chunks)):
+            _prefix_forward(model, plan, c, rows, prefix_kv, config, keep_graph=False)
+        refs = _prefix_refs(plan)
+        for segments in plan.micro_batches:
+            indices, lps, ents = _suffix_forward(
+                model, plan, segments, refs, rows, response_start, prefix_kv, config, entropy=return_entropy
+            )
+            for k, r in enumerate(indices):
+                log_probs[r] = lps[k]
+                if return_entropy:
+                    entropies[r] = ents[k]
+    return (log_probs, entropies) if return_entropy else log_probs
+
+
+# ---------------------------------------------------------------------------------------------
+# Phases
+
+
+def _prefix_forward(
+    model: torch.nn.Module,
+    plan: SchedulePlan,
+    chunk: int,
+    rows: Sequence[torch.Tensor],
+    prefix_kv: PrefixKV,
+    config: PrefixReuseConfig,
+    keep_graph: bool,
+    make_leaves: bool = True,
+) -> None:
+    """Run one Phase-A chunk (packed prefixes, block-causal) and capture every layer's K/V."""
+    groups = [plan.groups[g] for g in plan.prefix_chunks[chunk]]
+    blocks, offset = [], 0
+    for grp in groups:
+        blocks.append(Block(offset, offset + grp.prefix_len, (grp.prefix_len,), None))
+        offset += grp.prefix_len
+    ids = torch.cat([rows[grp.rows[0]][: grp.prefix_len] for grp in groups])
+    positions = torch.cat([torch.arange(grp.prefix_len, device=ids.device) for grp in groups])
+    ctx = AttentionContext(
+        "capture",
+        tuple(blocks),
+        prefix_kv,
+        config.attention,
+        chunk=chunk,
+        keep_graph=keep_graph,
+        make_leaves=make_leaves,
+    )
+    with active_context(ctx):
+        model(
+            input_ids=ids[None],
+            position_ids=positions[None],
+            use_cache=False,
+            logits_to_keep=torch.empty(0, dtype=torch.long, device=ids.device),
+        )
+    captured = (prefix_kv.graph if keep_graph else prefix_kv.leaves).get(chunk, [])
+    _check_hooked(model, len(captured))
+
+
+def _suffix_forward(
+    model: torch.nn.Module,
+    plan: SchedulePlan,
+    segments: Sequence[Segment],
+    refs: dict[int, PrefixRef],
+    rows: Sequence[torch.Tensor],
+    response_start: Sequence[int],
+    prefix_kv: PrefixKV,
+    config: PrefixReuseConfig,
+    entropy: bool,
+) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor] | None]:
+    """Run one Phase-B micro-batch; return its row indices, response log-probs (and entropies)."""
+    blocks, ids, positions, keep, labels, indices, counts = [], [], [], [], [], [], []
+    offset = 0
+    device = rows[0].device
+    for seg in segments:
+        p = plan.groups[seg.group].prefix_len
+        lengths = tuple(len(rows[r]) - p for r in seg.rows)
+        blocks.append(Block(offset, offset + sum(lengths), lengths, refs.get(seg.group)))
+        for r, n in zip(seg.rows, lengths):
+            ids.append(rows[r][p:])
+            positions.append(torch.arange(p, len(rows[r]), device=device))
+            # logit at position t predicts token t + 1: response tokens rs.. come from rs-1..len-2
+            keep.append(torch.arange(offset + response_start[r] - 1 - p, offset + n - 1, device=device))
+            labels.append(rows[r][response_start[r] :])
+            indices.append(r)
+            counts.append(len(rows[r]) - response_start[r])
+            offset += n
+    ctx = AttentionContext("suffix", tuple(blocks), prefix_kv, config.attention)
+    with active_context(ctx):
+        logits = model(
+            input_ids=torch.cat(ids)[None],
+            position_ids=torch.cat(positions)[None],
+            use_cache=False,
+            logits_to_keep=torch.cat(keep),
+        ).logits[0]
+    log_probs, entropies = token_log_probs(logits, torch.cat(labels), config.temperature, entropy)
+    return (
+        indices,
+        list(log_probs.split(counts)),
+        list(entropies.split(counts)) if entropies is not None else None,
+    )
+
+
+def token_log_probs(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float, entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(label) and optionally entropy per row of `logits` [N, V] / temperature (fp32 at least)."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    logits = logits / temperature
+    lse = torch.logsumexp(logits, dim=-1)
+    log_probs = logits.gather(-1, labels[:, None]).squeeze(-1) - lse
+    ent = None
+    if entropy:
+        ent = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    return log_probs, ent
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _prefix_refs(plan: SchedulePlan) -> dict[int, PrefixRef]:
+    return {g: PrefixRef(*ref) for g, ref in plan.prefix_refs().items()}
+
+
+@contextlib.contextmanager
+def _prefix_attention(model: torch.nn.Module) -> Iterator[None]:
+    """Route the model's attention through `prefix_attention` for the duration of the call."""
+    register()
+    previous = model.config._attn_implementation
+    model.config._attn_implementation = ATTENTION_NAME
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = previous
+
+
+@contextlib.contextmanager
+def _phase(stats: ScheduleStats, name: str, device: torch.device) -> Iterator[None]:
+    with phase_peak(device, stats.peak_memory_bytes, name):
+        start = time.perf_counter()
+        yield
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        stats.seconds[name] = time.perf_counter() - start
+
+
+def _rng_state(device: torch.device) -> tuple:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+@contextlib.contextmanager
+def _restored_rng(device: torch.device, state: tuple) -> Iterator[None]:
+    """Replay Phase A's RNG stream (dropout) in the recomputed prefix forward; leave the caller's intact."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], device)
+        yield
+
+
+def _new_stats(
+    model: torch.nn.Module, plan: SchedulePlan, rows: Sequence[torch.Tensor], config: PrefixReuseConfig
+) -> ScheduleStats:
+    shared = [g for g in plan.groups if g.prefix_len > 0]
+    prefix_lens = [g.prefix_len for g in plan.groups]
+    suffix_lens = [[len(rows[r]) - g.prefix_len for r in g.rows] for g in plan.groups]
+    try:
+        flops = FlopModel.from_config(model.config)
+    except AttributeError:  # unknown config layout: count tokens only
+        flops = FlopModel(per_token=1.0, per_token_lm_head=0.0, per_pair=0.0)
+    return ScheduleStats(
+        rows=len(rows),
+        groups=len(shared),
+        dense_rows=len(plan.groups) - len(shared),
+        micro_batches=len(plan.micro_batches),
+        prefix_tokens=sum(g.prefix_len for g in shared),
+        suffix_tokens=sum(sum(s) for s in suffix_lens),
+        dense_tokens=sum(len(r) for r in rows),
+        flop_bound=flops.training_ratio(prefix_lens, suffix_lens, recompute=config.prefix_activations == "recompute"),
+    )
+
+
+def _check_hooked(model: torch.nn.Module, layers_seen: int) -> None:
+    expected = getattr(getattr(model.config, "text_config", None) or model.config, "num_hidden_layers", None)
+    if layers_seen == 0 or (expected is not None and layers_seen != expected):
+        raise ValueError(
+            f"{type(model).__name__}: {layers_seen} attention layers went through transformers' "
+            f"AttentionInterface (expected {expected}); this model's attention cannot be hooked by "
+            "the shared-prefix schedule. Train it dense (prefix reuse off)."
+        )
+
+
+def _validate(
+    model: torch.nn.Module,
+    input_ids: Sequence[torch.Tensor],
+    response_start: Sequence[int],
+    group_ids: Sequence[Hashable],
+    config: PrefixReuseConfig,
+    needs_grad: bool,
+) -> tuple[list[torch.Tensor], torch.device]:
+    """Check arguments; return rows moved to the model's device and that device."""
+    if not isinstance(config, PrefixReuseConfig):
+        raise ValueError(f"config must be a PrefixReuseConfig or None, got {type(config).__name__}.")
+    config.validate()
+    cfg = getattr(model, "config", None)
+    if cfg is None or getattr(cfg, "is_encoder_decoder", False) or not getattr(cfg, "is_causal", True):
+        raise ValueError(
+            "model must be a decoder-only transformers causal LM (e.g. AutoModelForCausalLM); "
+            f"got {type(model).__name__}."
+        )
+    can_hook = getattr(model, "_can_set_attn_implementation", None)
+    if can_hook is not None and not can_hook():
+        raise ValueError(
+            f"{type(model).__name__} does not route attention through transformers' AttentionInterface, "
+            "so the shared-prefix schedule cannot hook it; train it dense (prefix reuse off)."
+        )
+    n = len(input_ids)
+    if n == 0:
+        raise ValueError("input_ids is empty: pass at least one row.")
+    if len(response_start) != n or len(group_ids) != n:
+        raise ValueError(
+            f"input_ids, response_start and group_ids must have one entry per row; got lengths "
+            f"{n}, {len(response_start)}, {len(group_ids)}."
+        )
+    device = next(model.parameters()).device
+    rows = []
+    for i, (row, start) in enumerate(zip(input_ids, response_start)):
+        if not isinstance(row, torch.Tensor) or row.dim() != 1 or row.dtype not in (torch.long, torch.int):
+            raise ValueError(f"input_ids[{i}] must be a 1-D integer tensor (unpadded token ids).")
+        if len(row) < 2:
+            raise ValueError(
+                f"input_ids[{i}] has {len(row)} tokens; a row needs at least one prompt and one response token."
+            )
+        if not isinstance(start, int) or isinstance(start, bool) or not 1 <= start < len(row):
+            raise ValueError(
+                f"response_start[{i}]={start!r} must be an int in [1, {len(row) - 1}] (the index of row {i}'s "
+                "first response token; at least one prompt and one response token)."
+            )
+        rows.append(row.to(device=device, dtype=torch.long))
+    if config.attention == "flash_attn":
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ValueError(
+                "PrefixReuseConfig.attention='flash_attn' but flash-attn is not installed; "
+                "pip install 'verl-prefix[gpu]' or use attention='sdpa' or 'flex'."
+            )
+        if device.type != "cuda":
+            raise ValueError("PrefixReuseConfig.attention='flash_attn' needs a CUDA model; use attention='sdpa'.")
+    if config.attention == "flex" and needs_grad and device.type == "cpu":
+        raise ValueError(
+            "PrefixReuseConfig.attention='flex' cannot train on CPU (FlexAttention has no CPU backward); "
+            "use attention='sdpa' on CPU (flex still serves compute_log_probs there)."
+        )
+    return rows, device
