@@ -71,7 +71,7 @@ class FlopModel:
         conservative figures quoted in DESIGN.md); the schedule itself skips it.
         """
         dense = reuse = 0.0
-        for p, suffixes in zip(prefix_lens, suffix_lens):
+        for p, suffixes in zip(prefix_lens, suffix_lens, strict=True):
             dense += 3 * self.dense_forward([p + s for s in suffixes])
             reuse += 3 * (self.prefix_forward(p, prefix_lm_head) + sum(self.suffix_forward(p, s) for s in suffixes))
             if recompute:

@@ -90,8 +90,8 @@ def forward_backward(
                 graph = prefix_kv.graph.pop(c)
                 leaves = prefix_kv.leaves.pop(c)
                 outputs, grads = [], []
-                for graph_kv, leaf_kv in zip(graph, leaves):
-                    for out, leaf in zip(graph_kv, leaf_kv):
+                for graph_kv, leaf_kv in zip(graph, leaves, strict=True):
+                    for out, leaf in zip(graph_kv, leaf_kv, strict=True):
                         if leaf.grad is not None and out.requires_grad:
                             outputs.append(out)
                             grads.append(leaf.grad)
@@ -196,7 +196,7 @@ def _suffix_forward(
         p = plan.groups[seg.group].prefix_len
         lengths = tuple(len(rows[r]) - p for r in seg.rows)
         blocks.append(Block(offset, offset + sum(lengths), lengths, refs.get(seg.group)))
-        for r, n in zip(seg.rows, lengths):
+        for r, n in zip(seg.rows, lengths, strict=True):
             ids.append(rows[r][p:])
             positions.append(torch.arange(p, len(rows[r]), device=device))
             # logit at position t predicts token t + 1: response tokens rs.. come from rs-1..len-2
@@ -348,7 +348,7 @@ def _validate(
         )
     device = next(model.parameters()).device
     rows = []
-    for i, (row, start) in enumerate(zip(input_ids, response_start)):
+    for i, (row, start) in enumerate(zip(input_ids, response_start, strict=True)):
         if not isinstance(row, torch.Tensor) or row.dim() != 1 or row.dtype not in (torch.long, torch.int):
             raise ValueError(f"input_ids[{i}] must be a 1-D integer tensor (unpadded token ids).")
         if len(row) < 2:
