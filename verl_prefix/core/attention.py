@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
@@ -203,11 +205,35 @@ def _flex(ctx: AttentionContext, layer: int, q, k, v, scaling: float, dropout: f
         kvs = [ctx.prefix_kv.layer_leaves(r, layer) for r in refs]
         k = torch.cat([kp for kp, _ in kvs] + [k], dim=2)
         v = torch.cat([vp for _, vp in kvs] + [v], dim=2)
+    gqa = q.shape[1] != k.shape[1]
     if q.is_cuda:
-        flex = _compiled_flex()
-    else:
-        from torch.nn.attention.flex_attention import flex_attention as flex
-    return flex(q, k, v, block_mask=block_mask, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
+        return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scaling, enable_gqa=gqa)
+    from torch.nn.attention.flex_attention import flex_attention
+
+    with warnings.catch_warnings():  # uncompiled CPU flex is the exact math reference; its warning is noise
+        warnings.simplefilter("ignore", UserWarning)
+        return flex_attention(q, k, v, block_mask=block_mask, scale=scaling, enable_gqa=gqa)
+
+
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def check_backend(backend: str, device: torch.device, needs_grad: bool) -> None:
+    """Raise ValueError naming the setting and the fix if `backend` cannot run here."""
+    if backend == "flash_attn":
+        if not flash_attn_available():
+            raise ValueError(
+                "PrefixReuseConfig.attention='flash_attn' but flash-attn is not installed; "
+                "pip install 'verl-prefix[gpu]' or use attention='sdpa' or 'flex'."
+            )
+        if device.type != "cuda":
+            raise ValueError("PrefixReuseConfig.attention='flash_attn' needs a CUDA model; use attention='sdpa'.")
+    if backend == "flex" and needs_grad and device.type == "cpu":
+        raise ValueError(
+            "PrefixReuseConfig.attention='flex' cannot train on CPU (FlexAttention has no CPU backward); "
+            "use attention='sdpa' on CPU (flex still serves compute_log_probs there)."
+        )
 
 
 def _flash_varlen():

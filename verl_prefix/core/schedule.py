@@ -11,13 +11,22 @@ gradients equal dense training over every row.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
 
 import torch
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from .attention import ATTENTION_NAME, AttentionContext, Block, PrefixKV, PrefixRef, active_context, register
+from .attention import (
+    ATTENTION_NAME,
+    AttentionContext,
+    Block,
+    PrefixKV,
+    PrefixRef,
+    active_context,
+    check_backend,
+    register,
+)
 from .config import PrefixReuseConfig, ScheduleStats
 from .flops import FlopModel
 from .memory import phase_peak
@@ -327,7 +336,8 @@ def _validate(
         raise ValueError(f"config must be a PrefixReuseConfig or None, got {type(config).__name__}.")
     config.validate()
     cfg = getattr(model, "config", None)
-    if cfg is None or getattr(cfg, "is_encoder_decoder", False) or not getattr(cfg, "is_causal", True):
+    causal_lm = any(cls.__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for cls in type(model).__mro__)
+    if cfg is None or not causal_lm or getattr(cfg, "is_encoder_decoder", False) or not getattr(cfg, "is_causal", True):
         raise ValueError(
             "model must be a decoder-only transformers causal LM (e.g. AutoModelForCausalLM); "
             f"got {type(model).__name__}."
@@ -361,17 +371,5 @@ def _validate(
                 "first response token; at least one prompt and one response token)."
             )
         rows.append(row.to(device=device, dtype=torch.long))
-    if config.attention == "flash_attn":
-        if importlib.util.find_spec("flash_attn") is None:
-            raise ValueError(
-                "PrefixReuseConfig.attention='flash_attn' but flash-attn is not installed; "
-                "pip install 'verl-prefix[gpu]' or use attention='sdpa' or 'flex'."
-            )
-        if device.type != "cuda":
-            raise ValueError("PrefixReuseConfig.attention='flash_attn' needs a CUDA model; use attention='sdpa'.")
-    if config.attention == "flex" and needs_grad and device.type == "cpu":
-        raise ValueError(
-            "PrefixReuseConfig.attention='flex' cannot train on CPU (FlexAttention has no CPU backward); "
-            "use attention='sdpa' on CPU (flex still serves compute_log_probs there)."
-        )
+    check_backend(config.attention, device, needs_grad)
     return rows, device
