@@ -1,0 +1,59 @@
+"""Random-weight causal LMs built from config (no download), for benchmarks and demos."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
+
+FAMILIES = ("qwen3", "llama", "qwen2", "qwen3_moe")
+
+
+def model_config(
+    family: str = "qwen3",
+    hidden_size: int = 256,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 768,
+    vocab_size: int = 8192,
+    max_positions: int = 32768,
+) -> PretrainedConfig:
+    """A decoder config of the given family and dims (GQA when num_kv_heads < num_heads)."""
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+    )
+    if family == "qwen3":
+        return Qwen3Config(**common, head_dim=hidden_size // num_heads)
+    if family == "llama":
+        return LlamaConfig(**common)
+    if family == "qwen2":
+        return Qwen2Config(**common)
+    if family == "qwen3_moe":
+        return Qwen3MoeConfig(
+            **common,
+            head_dim=hidden_size // num_heads,
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=intermediate_size // 4,
+            decoder_sparse_step=1,
+        )
+    raise ValueError(f"family={family!r} is unknown; use one of {FAMILIES}.")
+
+
+def random_model(
+    config: PretrainedConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0
+) -> torch.nn.Module:
+    """Random-init causal LM from `config` with SDPA attention, in train mode."""
+    torch.manual_seed(seed)
+    kwargs = {"attn_implementation": "sdpa"}
+    if getattr(config, "num_experts", None):
+        kwargs["experts_implementation"] = "eager"
+    model = AutoModelForCausalLM.from_config(config, **kwargs)
+    return model.to(device=device, dtype=dtype).train()
