@@ -163,3 +163,15 @@ def test_flash_attn_layout_with_reference_kernel(monkeypatch):
     _assert_equivalent(
         model, batch, PrefixReuseConfig(max_tokens_per_micro_batch=budget, attention="flash_attn"), FP64_TOL
     )
+
+
+def test_per_row_temperature():
+    batch = make_batch(groups=[(3, 10, [4, 2, 5]), (2, 7, [3, 3])], seed=13)
+    model = build("qwen3", torch.float64)
+    temps = [0.5, 0.9, 1.3, 2.0, 0.7]
+    lps = compute_log_probs(model, batch.input_ids, batch.response_start, batch.group_ids, row_temperature=temps)
+    with torch.no_grad():
+        for i, (row, start) in enumerate(zip(batch.input_ids, batch.response_start, strict=True)):
+            logits = model(input_ids=row[None]).logits[0, start - 1 : -1] / temps[i]
+            ref = torch.log_softmax(logits, -1).gather(-1, row[start:, None])[:, 0]
+            assert rel_err(lps[i], ref) <= FP64_TOL

@@ -42,6 +42,8 @@ def forward_backward(
     group_ids: Sequence[Hashable],
     loss_fn: LossFn,
     config: PrefixReuseConfig | None = None,
+    *,
+    row_temperature: Sequence[float] | None = None,
 ) -> ScheduleStats:
     """Accumulate into `param.grad` the gradient of sum(loss_fn(...)) over all suffix micro-batches.
 
@@ -55,11 +57,14 @@ def forward_backward(
             tensor of log p(token t | tokens < t) over row indices[k]'s response tokens, logits divided
             by config.temperature. Returns a scalar that is backpropagated.
         config: PrefixReuseConfig (defaults when None).
+        row_temperature: optional per-row temperature overriding config.temperature (verl's
+            per-sample temperature).
 
     Gradients are added to existing `.grad` (never zeroed here).
     """
     config = config or PrefixReuseConfig()
     rows, device = _validate(model, input_ids, response_start, group_ids, config, needs_grad=True)
+    _check_row_temperature(row_temperature, len(rows))
     if not callable(loss_fn):
         raise ValueError("loss_fn must be callable as loss_fn(indices, log_probs) -> scalar tensor.")
     plan = make_plan(rows, response_start, group_ids, config.max_tokens_per_micro_batch, config.min_prefix_tokens)
@@ -85,7 +90,7 @@ def forward_backward(
             refs = _prefix_refs(plan)
             for segments in plan.micro_batches:
                 indices, log_probs, _ = _suffix_forward(
-                    model, plan, segments, refs, rows, response_start, prefix_kv, config, entropy=False
+                    model, plan, segments, refs, rows, response_start, prefix_kv, config, row_temperature, False
                 )
                 loss = loss_fn(indices, log_probs)
                 if loss.requires_grad:
@@ -117,6 +122,8 @@ def compute_log_probs(
     group_ids: Sequence[Hashable],
     config: PrefixReuseConfig | None = None,
     return_entropy: bool = False,
+    *,
+    row_temperature: Sequence[float] | None = None,
 ) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Response-token log-probs per row under no_grad, each shared prefix computed once.
 
@@ -125,6 +132,7 @@ def compute_log_probs(
     """
     config = config or PrefixReuseConfig()
     rows, _ = _validate(model, input_ids, response_start, group_ids, config, needs_grad=False)
+    _check_row_temperature(row_temperature, len(rows))
     plan = make_plan(rows, response_start, group_ids, config.max_tokens_per_micro_batch, config.min_prefix_tokens)
     log_probs: list[torch.Tensor | None] = [None] * len(rows)
     entropies: list[torch.Tensor | None] = [None] * len(rows)
@@ -135,7 +143,7 @@ def compute_log_probs(
         refs = _prefix_refs(plan)
         for segments in plan.micro_batches:
             indices, lps, ents = _suffix_forward(
-                model, plan, segments, refs, rows, response_start, prefix_kv, config, entropy=return_entropy
+                model, plan, segments, refs, rows, response_start, prefix_kv, config, row_temperature, return_entropy
             )
             for k, r in enumerate(indices):
                 log_probs[r] = lps[k]
@@ -195,6 +203,7 @@ def _suffix_forward(
     response_start: Sequence[int],
     prefix_kv: PrefixKV,
     config: PrefixReuseConfig,
+    row_temperature: Sequence[float] | None,
     entropy: bool,
 ) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor] | None]:
     """Run one Phase-B micro-batch; return its row indices, response log-probs (and entropies)."""
@@ -222,7 +231,15 @@ def _suffix_forward(
             use_cache=False,
             logits_to_keep=torch.cat(keep),
         ).logits[0]
-    log_probs, entropies = token_log_probs(logits, torch.cat(labels), config.temperature, entropy)
+    temperature: float | torch.Tensor = config.temperature
+    if row_temperature is not None:
+        temperature = torch.cat(
+            [
+                torch.full((n,), float(row_temperature[r]), dtype=torch.float64, device=device)
+                for r, n in zip(indices, counts, strict=True)
+            ]
+        )[:, None]
+    log_probs, entropies = token_log_probs(logits, torch.cat(labels), temperature, entropy)
     return (
         indices,
         list(log_probs.split(counts)),
@@ -231,12 +248,15 @@ def _suffix_forward(
 
 
 def token_log_probs(
-    logits: torch.Tensor, labels: torch.Tensor, temperature: float, entropy: bool = False
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float | torch.Tensor, entropy: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log p(label) and optionally entropy per row of `logits` [N, V] / temperature (fp32 at least)."""
+    """log p(label) and optionally entropy per row of `logits` [N, V] / temperature (fp32 at least).
+
+    `temperature` is a float or an [N, 1] tensor (one value per token).
+    """
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    logits = logits / temperature
+    logits = logits / (temperature.to(logits.dtype) if isinstance(temperature, torch.Tensor) else temperature)
     lse = torch.logsumexp(logits, dim=-1)
     log_probs = logits.gather(-1, labels[:, None]).squeeze(-1) - lse
     ent = None
@@ -323,6 +343,13 @@ def _check_hooked(model: torch.nn.Module, layers_seen: int) -> None:
         )
 
 
+def _check_row_temperature(row_temperature: Sequence[float] | None, n: int) -> None:
+    if row_temperature is None:
+        return
+    if len(row_temperature) != n or not all(float(t) > 0 for t in row_temperature):
+        raise ValueError(f"row_temperature must hold {n} positive values, one per row of input_ids.")
+
+
 def _validate(
     model: torch.nn.Module,
     input_ids: Sequence[torch.Tensor],
@@ -341,12 +368,6 @@ def _validate(
         raise ValueError(
             "model must be a decoder-only transformers causal LM (e.g. AutoModelForCausalLM); "
             f"got {type(model).__name__}."
-        )
-    can_hook = getattr(model, "_can_set_attn_implementation", None)
-    if can_hook is not None and not can_hook():
-        raise ValueError(
-            f"{type(model).__name__} does not route attention through transformers' AttentionInterface, "
-            "so the shared-prefix schedule cannot hook it; train it dense (prefix reuse off)."
         )
     n = len(input_ids)
     if n == 0:
