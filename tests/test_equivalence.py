@@ -175,3 +175,36 @@ def test_per_row_temperature():
             logits = model(input_ids=row[None]).logits[0, start - 1 : -1] / temps[i]
             ref = torch.log_softmax(logits, -1).gather(-1, row[start:, None])[:, 0]
             assert rel_err(lps[i], ref) <= FP64_TOL
+
+
+def test_entropy_bonus_gradient_matches_dense():
+    """loss_entropy=True: loss_fn gets per-token entropies with gradient (verl's entropy_coeff)."""
+    batch = make_batch(groups=[(4, 12, [3, 2, 4, 1]), (3, 9, [2, 5, 3])], seed=17)
+    model = build("qwen3", torch.float64)
+    coef = 0.3
+
+    def loss_fn(indices, log_probs, entropies):
+        return sum(
+            (batch.weights[i] * lp).sum() - coef * ent.sum()
+            for i, lp, ent in zip(indices, log_probs, entropies, strict=True)
+        )
+
+    model.zero_grad(set_to_none=True)
+    for row, start, w in zip(batch.input_ids, batch.response_start, batch.weights, strict=True):
+        logits = model(input_ids=row[None]).logits[0, start - 1 : -1]
+        logp = torch.log_softmax(logits, -1)
+        ent = -(logp.exp() * logp).sum(-1)
+        ((w * logp.gather(-1, row[start:, None])[:, 0]).sum() - coef * ent.sum()).backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    forward_backward(
+        model,
+        batch.input_ids,
+        batch.response_start,
+        batch.group_ids,
+        loss_fn,
+        PrefixReuseConfig(max_tokens_per_micro_batch=12),
+        loss_entropy=True,
+    )
+    for n, p in model.named_parameters():
+        assert rel_err(p.grad, ref[n]) <= FP64_TOL, n

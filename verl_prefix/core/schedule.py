@@ -44,6 +44,7 @@ def forward_backward(
     config: PrefixReuseConfig | None = None,
     *,
     row_temperature: Sequence[float] | None = None,
+    loss_entropy: bool = False,
 ) -> ScheduleStats:
     """Accumulate into `param.grad` the gradient of sum(loss_fn(...)) over all suffix micro-batches.
 
@@ -59,6 +60,8 @@ def forward_backward(
         config: PrefixReuseConfig (defaults when None).
         row_temperature: optional per-row temperature overriding config.temperature (verl's
             per-sample temperature).
+        loss_entropy: call loss_fn(indices, log_probs, entropies) with per-token entropies that
+            carry gradient (verl's entropy bonus).
 
     Gradients are added to existing `.grad` (never zeroed here).
     """
@@ -89,10 +92,10 @@ def forward_backward(
         with _phase(stats, "B", device):
             refs = _prefix_refs(plan)
             for segments in plan.micro_batches:
-                indices, log_probs, _ = _suffix_forward(
-                    model, plan, segments, refs, rows, response_start, prefix_kv, config, row_temperature, False
+                indices, log_probs, entropies = _suffix_forward(
+                    model, plan, segments, refs, rows, response_start, prefix_kv, config, row_temperature, loss_entropy
                 )
-                loss = loss_fn(indices, log_probs)
+                loss = loss_fn(indices, log_probs, entropies) if loss_entropy else loss_fn(indices, log_probs)
                 if loss.requires_grad:
                     loss.backward()
 
