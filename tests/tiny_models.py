@@ -90,3 +90,21 @@ def build(kind: str, dtype: torch.dtype = torch.float64, seed: int = 0) -> torch
     if dtype == torch.float64:
         keep_input_dtype(model)
     return model
+
+
+def build_value_model(kind: str = "qwen3", dtype: torch.dtype = torch.float64, seed: int = 0) -> torch.nn.Module:
+    """A tiny random one-label token-classification model (verl's critic architecture)."""
+    from transformers import AutoModelForTokenClassification
+
+    torch.manual_seed(seed)
+    config = CONFIGS[kind]()
+    config.num_labels = 1
+    config.classifier_dropout = 0.0  # train-mode dropout draws different random masks in dense and reuse
+    model = AutoModelForTokenClassification.from_config(config, attn_implementation="sdpa").to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.train()
+    if dtype == torch.float64:
+        keep_input_dtype(model)
+    return model

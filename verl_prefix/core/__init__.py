@@ -2,13 +2,14 @@
 
 from .config import PrefixReuseConfig, ScheduleStats
 from .flops import FlopModel
-from .schedule import compute_log_probs, forward_backward, token_log_probs
+from .schedule import compute_log_probs, compute_values, forward_backward, token_log_probs
 
 __all__ = [
     "FlopModel",
     "PrefixReuseConfig",
     "ScheduleStats",
     "compute_log_probs",
+    "compute_values",
     "forward_backward",
     "token_log_probs",
 ]

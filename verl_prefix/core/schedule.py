@@ -13,9 +13,13 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
+from typing import Literal
 
 import torch
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
+)
 
 from .attention import (
     ATTENTION_NAME,
@@ -32,7 +36,8 @@ from .flops import FlopModel
 from .memory import phase_peak
 from .plan import SchedulePlan, Segment, make_plan
 
-LossFn = Callable[[list[int], list[torch.Tensor]], torch.Tensor]
+LossFn = Callable[..., torch.Tensor]
+Readout = Literal["log_probs", "values"]
 
 
 def forward_backward(
@@ -45,6 +50,7 @@ def forward_backward(
     *,
     row_temperature: Sequence[float] | None = None,
     loss_entropy: bool = False,
+    readout: Readout = "log_probs",
 ) -> ScheduleStats:
     """Accumulate into `param.grad` the gradient of sum(loss_fn(...)) over all suffix micro-batches.
 
@@ -62,11 +68,14 @@ def forward_backward(
             per-sample temperature).
         loss_entropy: call loss_fn(indices, log_probs, entropies) with per-token entropies that
             carry gradient (verl's entropy bonus).
+        readout: "log_probs" (causal LM) or "values" (a token-classification value model with one
+            label, e.g. verl's critic): loss_fn then gets per-response-token values, read at the
+            same positions as log-probs (position t - 1 for response token t).
 
     Gradients are added to existing `.grad` (never zeroed here).
     """
     config = config or PrefixReuseConfig()
-    rows, device = _validate(model, input_ids, response_start, group_ids, config, needs_grad=True)
+    rows, device = _validate(model, input_ids, response_start, group_ids, config, needs_grad=True, readout=readout)
     _check_row_temperature(row_temperature, len(rows))
     if not callable(loss_fn):
         raise ValueError("loss_fn must be callable as loss_fn(indices, log_probs) -> scalar tensor.")
@@ -82,18 +91,28 @@ def forward_backward(
                 rng_states[c] = _rng_state(device)
                 if mode == "recompute":
                     with torch.no_grad():
-                        _prefix_forward(model, plan, c, rows, prefix_kv, config, keep_graph=False)
+                        _prefix_forward(model, plan, c, rows, prefix_kv, config, readout, keep_graph=False)
                 elif mode == "offload":
                     with torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda"):
-                        _prefix_forward(model, plan, c, rows, prefix_kv, config, keep_graph=True)
+                        _prefix_forward(model, plan, c, rows, prefix_kv, config, readout, keep_graph=True)
                 else:
-                    _prefix_forward(model, plan, c, rows, prefix_kv, config, keep_graph=True)
+                    _prefix_forward(model, plan, c, rows, prefix_kv, config, readout, keep_graph=True)
 
         with _phase(stats, "B", device):
             refs = _prefix_refs(plan)
             for segments in plan.micro_batches:
                 indices, log_probs, entropies = _suffix_forward(
-                    model, plan, segments, refs, rows, response_start, prefix_kv, config, row_temperature, loss_entropy
+                    model,
+                    plan,
+                    segments,
+                    refs,
+                    rows,
+                    response_start,
+                    prefix_kv,
+                    config,
+                    row_temperature,
+                    loss_entropy,
+                    readout,
                 )
                 loss = loss_fn(indices, log_probs, entropies) if loss_entropy else loss_fn(indices, log_probs)
                 if loss.requires_grad:
@@ -103,7 +122,9 @@ def forward_backward(
             for c in range(len(plan.prefix_chunks)):
                 if mode == "recompute":
                     with _restored_rng(device, rng_states[c]):
-                        _prefix_forward(model, plan, c, rows, prefix_kv, config, keep_graph=True, make_leaves=False)
+                        _prefix_forward(
+                            model, plan, c, rows, prefix_kv, config, readout, keep_graph=True, make_leaves=False
+                        )
                 graph = prefix_kv.graph.pop(c)
                 leaves = prefix_kv.leaves.pop(c)
                 outputs, grads = [], []
@@ -133,26 +154,56 @@ def compute_log_probs(
     Returns a list (row order) of 1-D tensors of length len(row) - response_start[row]; with
     `return_entropy`, also the per-token entropies of the tempered distribution.
     """
+    log_probs, entropies = _infer(
+        model, input_ids, response_start, group_ids, config, "log_probs", return_entropy, row_temperature
+    )
+    return (log_probs, entropies) if return_entropy else log_probs
+
+
+def compute_values(
+    model: torch.nn.Module,
+    input_ids: Sequence[torch.Tensor],
+    response_start: Sequence[int],
+    group_ids: Sequence[Hashable],
+    config: PrefixReuseConfig | None = None,
+) -> list[torch.Tensor]:
+    """Per-response-token values of a one-label token-classification model (verl's critic), under
+    no_grad with prefix reuse; value of response token t is read at position t - 1, as verl does."""
+    values, _ = _infer(model, input_ids, response_start, group_ids, config, "values", False, None)
+    return values
+
+
+def _infer(model, input_ids, response_start, group_ids, config, readout, return_entropy, row_temperature):
     config = config or PrefixReuseConfig()
-    rows, _ = _validate(model, input_ids, response_start, group_ids, config, needs_grad=False)
+    rows, _ = _validate(model, input_ids, response_start, group_ids, config, needs_grad=False, readout=readout)
     _check_row_temperature(row_temperature, len(rows))
     plan = make_plan(rows, response_start, group_ids, config.max_tokens_per_micro_batch, config.min_prefix_tokens)
-    log_probs: list[torch.Tensor | None] = [None] * len(rows)
+    outputs: list[torch.Tensor | None] = [None] * len(rows)
     entropies: list[torch.Tensor | None] = [None] * len(rows)
     prefix_kv = PrefixKV()
     with torch.no_grad(), _prefix_attention(model):
         for c in range(len(plan.prefix_chunks)):
-            _prefix_forward(model, plan, c, rows, prefix_kv, config, keep_graph=False)
+            _prefix_forward(model, plan, c, rows, prefix_kv, config, readout, keep_graph=False)
         refs = _prefix_refs(plan)
         for segments in plan.micro_batches:
-            indices, lps, ents = _suffix_forward(
-                model, plan, segments, refs, rows, response_start, prefix_kv, config, row_temperature, return_entropy
+            indices, outs, ents = _suffix_forward(
+                model,
+                plan,
+                segments,
+                refs,
+                rows,
+                response_start,
+                prefix_kv,
+                config,
+                row_temperature,
+                return_entropy,
+                readout,
             )
             for k, r in enumerate(indices):
-                log_probs[r] = lps[k]
+                outputs[r] = outs[k]
                 if return_entropy:
                     entropies[r] = ents[k]
-    return (log_probs, entropies) if return_entropy else log_probs
+    return outputs, entropies
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,6 +217,7 @@ def _prefix_forward(
     rows: Sequence[torch.Tensor],
     prefix_kv: PrefixKV,
     config: PrefixReuseConfig,
+    readout: Readout,
     keep_graph: bool,
     make_leaves: bool = True,
 ) -> None:
@@ -186,13 +238,10 @@ def _prefix_forward(
         keep_graph=keep_graph,
         make_leaves=make_leaves,
     )
+    # No head over prefix tokens: their outputs are never read (a value head is one column: kept).
+    head = {"logits_to_keep": torch.empty(0, dtype=torch.long, device=ids.device)} if readout == "log_probs" else {}
     with active_context(ctx):
-        model(
-            input_ids=ids[None],
-            position_ids=positions[None],
-            use_cache=False,
-            logits_to_keep=torch.empty(0, dtype=torch.long, device=ids.device),
-        )
+        model(input_ids=ids[None], position_ids=positions[None], use_cache=False, **head)
     captured = (prefix_kv.graph if keep_graph else prefix_kv.leaves).get(chunk, [])
     _check_hooked(model, len(captured))
 
@@ -208,8 +257,10 @@ def _suffix_forward(
     config: PrefixReuseConfig,
     row_temperature: Sequence[float] | None,
     entropy: bool,
+    readout: Readout = "log_probs",
 ) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor] | None]:
-    """Run one Phase-B micro-batch; return its row indices, response log-probs (and entropies)."""
+    """Run one Phase-B micro-batch; return its row indices, per-response-token log-probs or values
+    (and entropies)."""
     blocks, ids, positions, keep, labels, indices, counts = [], [], [], [], [], [], []
     offset = 0
     device = rows[0].device
@@ -227,13 +278,13 @@ def _suffix_forward(
             counts.append(len(rows[r]) - response_start[r])
             offset += n
     ctx = AttentionContext("suffix", tuple(blocks), prefix_kv, config.attention)
+    keep_idx = torch.cat(keep)
+    inputs = dict(input_ids=torch.cat(ids)[None], position_ids=torch.cat(positions)[None], use_cache=False)
     with active_context(ctx):
-        logits = model(
-            input_ids=torch.cat(ids)[None],
-            position_ids=torch.cat(positions)[None],
-            use_cache=False,
-            logits_to_keep=torch.cat(keep),
-        ).logits[0]
+        if readout == "values":
+            values = model(**inputs).logits[0, keep_idx].squeeze(-1)
+            return indices, list(values.split(counts)), None
+        logits = model(**inputs, logits_to_keep=keep_idx).logits[0]
     temperature: float | torch.Tensor = config.temperature
     if row_temperature is not None:
         temperature = torch.cat(
@@ -360,18 +411,24 @@ def _validate(
     group_ids: Sequence[Hashable],
     config: PrefixReuseConfig,
     needs_grad: bool,
+    readout: Readout = "log_probs",
 ) -> tuple[list[torch.Tensor], torch.device]:
     """Check arguments; return rows moved to the model's device and that device."""
     if not isinstance(config, PrefixReuseConfig):
         raise ValueError(f"config must be a PrefixReuseConfig or None, got {type(config).__name__}.")
     config.validate()
     cfg = getattr(model, "config", None)
-    causal_lm = any(cls.__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for cls in type(model).__mro__)
-    if cfg is None or not causal_lm or getattr(cfg, "is_encoder_decoder", False) or not getattr(cfg, "is_causal", True):
-        raise ValueError(
-            "model must be a decoder-only transformers causal LM (e.g. AutoModelForCausalLM); "
-            f"got {type(model).__name__}."
-        )
+    if readout not in ("log_probs", "values"):
+        raise ValueError(f"readout={readout!r} is unknown; use 'log_probs' or 'values'.")
+    names = (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if readout == "log_probs" else MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES
+    )
+    wanted = "causal LM (e.g. AutoModelForCausalLM)" if readout == "log_probs" else "token-classification value model"
+    matches = any(cls.__name__ in names.values() for cls in type(model).__mro__)
+    if cfg is None or not matches or getattr(cfg, "is_encoder_decoder", False) or not getattr(cfg, "is_causal", True):
+        raise ValueError(f"model must be a decoder-only transformers {wanted}; got {type(model).__name__}.")
+    if readout == "values" and getattr(cfg, "num_labels", 1) != 1:
+        raise ValueError(f"a value model has num_labels=1; got num_labels={cfg.num_labels}.")
     n = len(input_ids)
     if n == 0:
         raise ValueError("input_ids is empty: pass at least one row.")
