@@ -1,0 +1,100 @@
+"""The `prefix_reuse` block of verl's actor and critic configs.
+
+verl instantiates `actor_rollout_ref.actor` and `critic` into dataclasses through `_target_`, and
+unknown keys fail there, so the switch lives in subclasses of verl's FSDP actor/critic configs.
+Each subclass attaches its settings to its engine config (`<config>.engine.prefix_reuse`), which
+travels with the engine config to the worker that builds the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from verl.base_config import BaseConfig
+from verl.workers.config import FSDPActorConfig, FSDPCriticConfig
+
+from ..core import PrefixReuseConfig
+from ..core.config import ATTENTION_BACKENDS, PREFIX_ACTIVATION_MODES
+
+
+@dataclass
+class PrefixReuseSettings(BaseConfig):
+    """`prefix_reuse.*` keys.
+
+    enable: run update, log-prob and value passes through the shared-prefix schedule.
+    attention / prefix_activations / min_prefix_tokens: as in `verl_prefix.core.PrefixReuseConfig`.
+    verify_every: every k-th update also computes the dense gradient of the same mini-batch (no
+        optimizer step from it) and reports `prefix_reuse/verify_max_grad_rel_diff` and
+        `prefix_reuse/verify_speedup`; 0 = never.
+    """
+
+    enable: bool = False
+    attention: str = "sdpa"
+    prefix_activations: str = "keep"
+    min_prefix_tokens: int = 1
+    verify_every: int = 0
+
+    def __post_init__(self) -> None:
+        if self.verify_every < 0:
+            raise ValueError(f"prefix_reuse.verify_every={self.verify_every} must be >= 0 (0 disables it).")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"prefix_reuse.attention={self.attention!r}: use one of {ATTENTION_BACKENDS}.")
+        if self.prefix_activations not in PREFIX_ACTIVATION_MODES:
+            raise ValueError(
+                f"prefix_reuse.prefix_activations={self.prefix_activations!r}: use one of {PREFIX_ACTIVATION_MODES}."
+            )
+        if self.min_prefix_tokens < 1:
+            raise ValueError(f"prefix_reuse.min_prefix_tokens={self.min_prefix_tokens} must be >= 1.")
+
+    def core_config(self, max_tokens_per_micro_batch: int | None) -> PrefixReuseConfig:
+        return PrefixReuseConfig(
+            max_tokens_per_micro_batch=max_tokens_per_micro_batch,
+            attention=self.attention,
+            prefix_activations=self.prefix_activations,
+            min_prefix_tokens=self.min_prefix_tokens,
+        )
+
+
+def as_settings(value) -> PrefixReuseSettings:
+    """Accept a PrefixReuseSettings, a mapping of its keys, or None."""
+    if isinstance(value, PrefixReuseSettings):
+        return value
+    if value is None:
+        return PrefixReuseSettings()
+    keys = {k: v for k, v in dict(value).items() if k != "_target_"}
+    unknown = set(keys) - set(PrefixReuseSettings.__dataclass_fields__)
+    if unknown:
+        raise ValueError(
+            f"unknown prefix_reuse keys {sorted(unknown)}; known: enable, attention, "
+            "prefix_activations, min_prefix_tokens, verify_every."
+        )
+    return PrefixReuseSettings(**keys)
+
+
+def attach(engine_config, settings: PrefixReuseSettings) -> None:
+    """Carry the settings on a (frozen) verl engine config; the reuse engine reads them there."""
+    object.__setattr__(engine_config, "prefix_reuse", settings)
+
+
+@dataclass
+class PrefixReuseFSDPActorConfig(FSDPActorConfig):
+    """verl's FSDPActorConfig plus `prefix_reuse` (also used for reference log-probs)."""
+
+    prefix_reuse: PrefixReuseSettings = field(default_factory=PrefixReuseSettings)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "prefix_reuse", as_settings(self.prefix_reuse))
+        attach(self.engine, self.prefix_reuse)
+
+
+@dataclass
+class PrefixReuseFSDPCriticConfig(FSDPCriticConfig):
+    """verl's FSDPCriticConfig plus `prefix_reuse` (critic values and updates)."""
+
+    prefix_reuse: PrefixReuseSettings = field(default_factory=PrefixReuseSettings)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "prefix_reuse", as_settings(self.prefix_reuse))
+        attach(self.engine, self.prefix_reuse)

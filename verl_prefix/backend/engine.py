@@ -1,0 +1,267 @@
+"""FSDP engines that run verl mini-batches through the shared-prefix schedule.
+
+Engine = how to compute. These subclasses of verl's FSDP engines replace only
+`forward_backward_batch`: the mini-batch goes through `verl_prefix.core` (each shared prefix once)
+and every suffix micro-batch's loss is verl's own loss function (`ppo_loss`, `value_loss`) over
+those rows, with verl's global token normalisation (`batch_num_tokens`, `dp_size`) assigned as the
+stock engine assigns it — so the update equals stock verl's on the same mini-batch. With
+`prefix_reuse.enable` false (or absent) they are the stock engines.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+from tensordict import TensorDict
+from verl.utils import tensordict_utils as tu
+from verl.utils.model import extract_multi_modal_inputs
+from verl.utils.py_functional import append_to_dict
+from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead, FSDPEngineWithValueHead
+
+from ..core import ScheduleStats, compute_log_probs, compute_values, forward_backward
+from .batch import full_length_nested, schedule_rows
+from .config import PrefixReuseSettings
+
+logger = logging.getLogger(__name__)
+
+METRIC_PREFIX = "prefix_reuse/"
+
+
+def unsupported_reason(engine, data: TensorDict) -> str | None:
+    """Why this mini-batch must run dense (None when the schedule supports it)."""
+    if engine.ulysses_sequence_parallel_size > 1:
+        return "ulysses_sequence_parallel_size > 1"
+    if not data["input_ids"].is_nested:
+        return "padded input_ids (pad_mode != no_padding)"
+    if "multi_modal_inputs" in data.keys() and extract_multi_modal_inputs(tu.get(data, "multi_modal_inputs")):
+        return "multi-modal inputs"
+    for key in ("use_fused_kernels", "calculate_sum_pi_squared", "distillation_use_topk", "distillation_only"):
+        if tu.get_non_tensor_data(data=data, key=key, default=False):
+            return key
+    return None
+
+
+def stats_metrics(stats: ScheduleStats) -> dict[str, float]:
+    """Flat `prefix_reuse/*` metrics of one schedule call."""
+    out = {
+        "groups": stats.groups,
+        "rows": stats.rows,
+        "dense_rows": stats.dense_rows,
+        "micro_batches": stats.micro_batches,
+        "prefix_tokens": stats.prefix_tokens,
+        "suffix_tokens": stats.suffix_tokens,
+        "dense_tokens": stats.dense_tokens,
+        "flop_bound": stats.flop_bound,
+        "fallbacks": 0,
+    }
+    for phase, seconds in stats.seconds.items():
+        out[f"phase_{phase}_seconds"] = seconds
+    for phase, peak in stats.peak_memory_bytes.items():
+        if peak is not None:
+            out[f"phase_{phase}_peak_memory_gb"] = peak / 2**30
+    return {METRIC_PREFIX + k: float(v) for k, v in out.items()}
+
+
+class PrefixReuseEngineMixin:
+    """forward_backward_batch through the core schedule; mixed into verl's FSDP engines.
+
+    `readout` names what the model head yields per token ("log_probs" or "values"), and
+    `model_output_key` the key verl's loss function reads it from.
+    """
+
+    readout: str = "log_probs"
+    model_output_key: str = "log_probs"
+
+    @property
+    def prefix_reuse(self) -> PrefixReuseSettings | None:
+        settings = getattr(self.engine_config, "prefix_reuse", None)
+        return settings if settings is not None and settings.enable else None
+
+    def forward_backward_batch(self, data: TensorDict, loss_function: Callable, forward_only: bool = False):
+        settings = self.prefix_reuse
+        if settings is None:
+            return super().forward_backward_batch(data, loss_function, forward_only)
+        reason = unsupported_reason(self, data)
+        if reason is not None:
+            self._warn_once(reason)
+            output = super().forward_backward_batch(data, loss_function, forward_only)
+            output["metrics"][METRIC_PREFIX + "fallbacks"] = [1.0]
+            return output
+        if forward_only:
+            return self._reuse_infer(data, loss_function, settings)
+        return self._reuse_train(data, loss_function, settings)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _warn_once(self, reason: str) -> None:
+        warned = self.__dict__.setdefault("_prefix_reuse_warned", set())
+        if reason not in warned:
+            warned.add(reason)
+            logger.warning("prefix reuse does not support %s yet; running these batches dense.", reason)
+
+    def _device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
+    def _assign_normalisation(self, data: TensorDict) -> None:
+        """batch_num_tokens / dp_size exactly as the stock forward_backward_batch assigns them."""
+        tu.assign_non_tensor(data, sp_size=self.ulysses_sequence_parallel_size)
+        batch_num_tokens = data["loss_mask"].sum().to(self._device())
+        torch.distributed.all_reduce(
+            batch_num_tokens, op=torch.distributed.ReduceOp.SUM, group=self.get_data_parallel_group()
+        )
+        tu.assign_non_tensor(data, batch_num_tokens=batch_num_tokens.item())
+        tu.assign_non_tensor(data, dp_size=self.get_data_parallel_size())
+
+    def _budget(self, data: TensorDict, forward_only: bool) -> int | None:
+        """Suffix tokens per micro-batch: verl's dynamic-bsz token budget, else unbounded (the
+        schedule then packs all suffixes of the mini-batch into one micro-batch)."""
+        if tu.get_non_tensor_data(data=data, key="use_dynamic_bsz", default=True):
+            budget = tu.get_non_tensor_data(data=data, key="max_token_len_per_gpu", default=None)
+            return int(budget) * self.ulysses_sequence_parallel_size if budget else None
+        per_gpu = tu.get_non_tensor_data(data=data, key="micro_batch_size_per_gpu", default=None)
+        if per_gpu:
+            # Same number of rows per micro-batch as verl, expressed as a token budget.
+            lengths = data["input_ids"].offsets().diff()
+            return int(lengths.sort(descending=True).values[: int(per_gpu)].sum())
+        return None
+
+    def _loss(self, indices, per_token, entropies, rows, starts, data, loss_function, losses, metrics):
+        """verl's loss over the micro-batch made of `indices` (rows in mini-batch order)."""
+        micro_batch = tu.index_select_tensor_dict(data, indices)
+        mb_rows, mb_starts = [rows[i] for i in indices], [starts[i] for i in indices]
+        model_output = {self.model_output_key: full_length_nested(per_token, mb_rows, mb_starts)}
+        if entropies is not None:
+            model_output["entropy"] = full_length_nested(entropies, mb_rows, mb_starts)
+        loss, step_metrics = loss_function(
+            model_output=model_output, data=micro_batch, dp_group=self.get_data_parallel_group()
+        )
+        losses.append(loss.detach().item())
+        append_to_dict(metrics, step_metrics)
+        return loss
+
+    def _reuse_train(self, data: TensorDict, loss_function: Callable, settings: PrefixReuseSettings):
+        self._assign_normalisation(data)
+        batch = schedule_rows(data)
+        device = self._device()
+        rows = [r.to(device) for r in batch.input_ids]
+        data_on_device = data.to(device)
+        calculate_entropy = self.readout == "log_probs" and bool(
+            tu.get_non_tensor_data(data=data, key="calculate_entropy", default=False)
+        )
+        losses: list[float] = []
+        metrics: dict[str, list] = {}
+
+        def loss_fn(indices, per_token, entropies=None):
+            return self._loss(
+                indices,
+                per_token,
+                entropies,
+                rows,
+                batch.response_start,
+                data_on_device,
+                loss_function,
+                losses,
+                metrics,
+            )
+
+        kwargs = dict(readout=self.readout)
+        if self.readout == "log_probs":
+            kwargs.update(row_temperature=batch.row_temperature, loss_entropy=calculate_entropy)
+        start = time.perf_counter()
+        stats = forward_backward(
+            self.module,
+            rows,
+            batch.response_start,
+            batch.group_ids,
+            loss_fn,
+            settings.core_config(self._budget(data, forward_only=False)),
+            **kwargs,
+        )
+        reuse_seconds = time.perf_counter() - start
+        for key, value in stats_metrics(stats).items():
+            metrics[key] = [value]
+        calls = self.__dict__.get("_prefix_reuse_updates", 0) + 1
+        self.__dict__["_prefix_reuse_updates"] = calls
+        if settings.verify_every and calls % settings.verify_every == 0:
+            metrics.update(self._verify_against_dense(data, loss_function, reuse_seconds))
+        return {"model_output": {}, "loss": losses, "metrics": metrics}
+
+    def _reuse_infer(self, data: TensorDict, loss_function: Callable | None, settings: PrefixReuseSettings):
+        batch = schedule_rows(data)
+        device = self._device()
+        rows = [r.to(device) for r in batch.input_ids]
+        calculate_entropy = self.readout == "log_probs" and bool(
+            tu.get_non_tensor_data(data=data, key="calculate_entropy", default=False)
+        )
+        per_token, entropies = _infer(
+            self.module,
+            rows,
+            batch.response_start,
+            batch.group_ids,
+            settings.core_config(self._budget(data, forward_only=True)),
+            self.readout,
+            calculate_entropy,
+            batch.row_temperature if self.readout == "log_probs" else None,
+        )
+        model_output = {self.model_output_key: full_length_nested(per_token, rows, batch.response_start)}
+        if calculate_entropy:
+            model_output["entropy"] = full_length_nested(entropies, rows, batch.response_start)
+        losses: list[float] = []
+        metrics: dict[str, list] = {}
+        if loss_function is not None:
+            self._assign_normalisation(data)
+            self._loss(
+                list(range(len(rows))),
+                per_token,
+                entropies if calculate_entropy else None,
+                rows,
+                batch.response_start,
+                data.to(device),
+                loss_function,
+                losses,
+                metrics,
+            )
+        return {"model_output": model_output, "loss": losses, "metrics": metrics}
+
+    def _verify_against_dense(self, data: TensorDict, loss_function: Callable, reuse_seconds: float) -> dict:
+        """Dense gradient of the same mini-batch beside the reuse one; grads are left as reuse made them."""
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        reuse_grads = [p.grad.detach().clone() for p in params]
+        for p in params:
+            p.grad = None
+        start = time.perf_counter()
+        super().forward_backward_batch(data, loss_function, False)
+        dense_seconds = time.perf_counter() - start
+        diff = torch.zeros((), dtype=torch.float64, device=self._device())
+        scale = torch.zeros_like(diff)
+        for p, g in zip(params, reuse_grads, strict=True):
+            dense = _local(p.grad) if p.grad is not None else torch.zeros_like(_local(g))
+            diff = torch.maximum(diff, (_local(g) - dense).abs().max().double())
+            scale = torch.maximum(scale, dense.abs().max().double())
+            p.grad = g
+        stacked = torch.stack([diff, scale])
+        torch.distributed.all_reduce(stacked, op=torch.distributed.ReduceOp.MAX, group=self.get_data_parallel_group())
+        rel = (stacked[0] / stacked[1].clamp_min(1e-30)).item()
+        return {
+            METRIC_PREFIX + "verify_max_grad_rel_diff": [rel],
+            METRIC_PREFIX + "verify_speedup": [dense_seconds / max(reuse_seconds, 1e-9)],
+        }
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2 grads), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class PrefixReuseFSDPEngineWithLMHead(PrefixReuseEngineMixin, FSDPEngineWithLMHead):
+    """Actor / reference engine: response log-probs (and entropies) through the schedule."""
+
+
+class PrefixReuseFSDPEngineWithValueHead(PrefixReuseEngineMixin, FSDPEngineWithValueHead):
+    """Critic engine: per-token values through the schedule."""
+
+    readout = "values"
+    model_output_key = "values"
