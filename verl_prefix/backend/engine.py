@@ -196,16 +196,29 @@ class PrefixReuseEngineMixin:
         calculate_entropy = self.readout == "log_probs" and bool(
             tu.get_non_tensor_data(data=data, key="calculate_entropy", default=False)
         )
-        per_token, entropies = _infer(
-            self.module,
-            rows,
-            batch.response_start,
-            batch.group_ids,
-            settings.core_config(self._budget(data, forward_only=True)),
-            self.readout,
-            calculate_entropy,
-            batch.row_temperature if self.readout == "log_probs" else None,
-        )
+        config = settings.core_config(self._budget(data, forward_only=True))
+        entropies = None
+        if self.readout == "values":
+            per_token = compute_values(self.module, rows, batch.response_start, batch.group_ids, config)
+        elif calculate_entropy:
+            per_token, entropies = compute_log_probs(
+                self.module,
+                rows,
+                batch.response_start,
+                batch.group_ids,
+                config,
+                True,
+                row_temperature=batch.row_temperature,
+            )
+        else:
+            per_token = compute_log_probs(
+                self.module,
+                rows,
+                batch.response_start,
+                batch.group_ids,
+                config,
+                row_temperature=batch.row_temperature,
+            )
         model_output = {self.model_output_key: full_length_nested(per_token, rows, batch.response_start)}
         if calculate_entropy:
             model_output["entropy"] = full_length_nested(entropies, rows, batch.response_start)
@@ -216,7 +229,7 @@ class PrefixReuseEngineMixin:
             self._loss(
                 list(range(len(rows))),
                 per_token,
-                entropies if calculate_entropy else None,
+                entropies,
                 rows,
                 batch.response_start,
                 data.to(device),
