@@ -84,6 +84,8 @@ def forward_backward(
     mode = config.prefix_activations
     prefix_kv = PrefixKV()
     rng_states: dict[int, tuple] = {}
+    head_outputs: dict[int, torch.Tensor] = {}  # Phase-A head outputs, kept for hook-driven wrappers
+    hooked = _backward_needs_output_hooks(model)
 
     with _prefix_attention(model):
         with _phase(stats, "A", device):
@@ -94,9 +96,11 @@ def forward_backward(
                         _prefix_forward(model, plan, c, rows, prefix_kv, config, readout, keep_graph=False)
                 elif mode == "offload":
                     with torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda"):
-                        _prefix_forward(model, plan, c, rows, prefix_kv, config, readout, keep_graph=True)
+                        out = _prefix_forward(model, plan, c, rows, prefix_kv, config, readout, keep_graph=True)
                 else:
-                    _prefix_forward(model, plan, c, rows, prefix_kv, config, readout, keep_graph=True)
+                    out = _prefix_forward(model, plan, c, rows, prefix_kv, config, readout, keep_graph=True)
+                if hooked and mode != "recompute":
+                    head_outputs[c] = out
 
         with _phase(stats, "B", device):
             refs = _prefix_refs(plan)
@@ -122,9 +126,11 @@ def forward_backward(
             for c in range(len(plan.prefix_chunks)):
                 if mode == "recompute":
                     with _restored_rng(device, rng_states[c]):
-                        _prefix_forward(
+                        out = _prefix_forward(
                             model, plan, c, rows, prefix_kv, config, readout, keep_graph=True, make_leaves=False
                         )
+                    if hooked:
+                        head_outputs[c] = out
                 graph = prefix_kv.graph.pop(c)
                 leaves = prefix_kv.leaves.pop(c)
                 outputs, grads = [], []
@@ -133,6 +139,13 @@ def forward_backward(
                         if leaf.grad is not None and out.requires_grad:
                             outputs.append(out)
                             grads.append(leaf.grad)
+                if c in head_outputs:
+                    # FSDP unshards a layer's parameters when gradient reaches that layer's *output*;
+                    # the K/V seeds enter inside the layers, so also send zeros down from the head
+                    # output: every layer output then sees gradient and FSDP's hooks fire in order.
+                    head = head_outputs.pop(c)
+                    outputs.append(head)
+                    grads.append(torch.zeros_like(head))
                 if outputs:
                     torch.autograd.backward(outputs, grads)
                 del graph, leaves, outputs, grads
@@ -220,8 +233,11 @@ def _prefix_forward(
     readout: Readout,
     keep_graph: bool,
     make_leaves: bool = True,
-) -> None:
-    """Run one Phase-A chunk (packed prefixes, block-causal) and capture every layer's K/V."""
+) -> torch.Tensor:
+    """Run one Phase-A chunk (packed prefixes, block-causal) and capture every layer's K/V.
+
+    Returns the model's (head) output tensor, whose graph Phase C may need (see `_hooked_backward`).
+    """
     groups = [plan.groups[g] for g in plan.prefix_chunks[chunk]]
     blocks, offset = [], 0
     for grp in groups:
@@ -241,9 +257,10 @@ def _prefix_forward(
     # No head over prefix tokens: their outputs are never read (a value head is one column: kept).
     head = {"logits_to_keep": torch.empty(0, dtype=torch.long, device=ids.device)} if readout == "log_probs" else {}
     with active_context(ctx):
-        model(input_ids=ids[None], position_ids=positions[None], use_cache=False, **head)
+        output = model(input_ids=ids[None], position_ids=positions[None], use_cache=False, **head)
     captured = (prefix_kv.graph if keep_graph else prefix_kv.leaves).get(chunk, [])
     _check_hooked(model, len(captured))
+    return output.logits
 
 
 def _suffix_forward(
@@ -385,6 +402,16 @@ def _new_stats(
         dense_tokens=sum(len(r) for r in rows),
         flop_bound=flops.training_ratio(prefix_lens, suffix_lens, recompute=config.prefix_activations == "recompute"),
     )
+
+
+def _backward_needs_output_hooks(model: torch.nn.Module) -> bool:
+    """True when parameters are materialised by hooks on module outputs (FSDP1 / FSDP2)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
+    except ImportError:  # torch built without distributed
+        return False
+    return any(isinstance(m, (FSDPModule, FSDP1)) for m in model.modules())
 
 
 def _check_hooked(model: torch.nn.Module, layers_seen: int) -> None:

@@ -1,0 +1,291 @@
+"""Run verl 0.9.1's real FSDP engines on CPU for tests.
+
+CPU-only stand-ins, and why:
+- `CPUPlatform`: verl has no CPU platform (it falls back to CUDA). This one reports device "cpu",
+  the gloo backend, and no-op memory/RNG hooks, and is installed before verl's engines are built.
+- `VERL_ENGINE_DEVICE=cuda`: verl registers its FSDP engines for "cuda"/"npu" only; the lookup key
+  is all this changes (the engine then runs on whatever device the platform reports).
+Everything else (FSDP2 over gloo, verl's configs, engines, losses, TensorDict layout) is real.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import types
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+os.environ.setdefault("VERL_ENGINE_DEVICE", "cuda")
+os.environ.setdefault("VERL_ENGINE_VENDOR", "nvidia")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def _cpu_device_module() -> types.SimpleNamespace:
+    zero = lambda *a, **k: 0  # noqa: E731
+    none = lambda *a, **k: None  # noqa: E731
+    return types.SimpleNamespace(
+        is_available=lambda: True,
+        current_device=lambda: "cpu",
+        device_count=lambda: 1,
+        set_device=none,
+        synchronize=none,
+        manual_seed=torch.manual_seed,
+        manual_seed_all=torch.manual_seed,
+        empty_cache=none,
+        memory_allocated=zero,
+        memory_reserved=zero,
+        max_memory_allocated=zero,
+        max_memory_reserved=zero,
+        reset_peak_memory_stats=none,
+        mem_get_info=lambda *a, **k: (0, 0),
+        get_rng_state=torch.get_rng_state,
+        set_rng_state=torch.set_rng_state,
+        is_initialized=lambda: True,
+        get_device_name=lambda *a, **k: "cpu",
+        memory_stats=lambda *a, **k: {},
+        nvtx=types.SimpleNamespace(range_push=none, range_pop=none),
+    )
+
+
+@functools.cache
+def install_cpu_platform():
+    """Register and select a CPU platform for verl (idempotent). Returns it."""
+    from verl.plugin.platform.platform_base import PlatformBase
+    from verl.plugin.platform.platform_manager import PlatformRegistry, set_platform
+
+    class CPUPlatform(PlatformBase):
+        device_name = "cpu"
+        vendor_name = "nvidia"  # engine lookup key only (see module docstring)
+        device_module = _cpu_device_module()
+
+        def is_available(self) -> bool:
+            return True
+
+        def is_platform_available(self, use_smi_check: bool = False) -> bool:
+            return True
+
+        def current_device(self):
+            return "cpu"
+
+        def device_count(self) -> int:
+            return 1
+
+        def set_device(self, device_index) -> None:
+            pass
+
+        def synchronize(self, device_index=None) -> None:
+            pass
+
+        def manual_seed(self, seed: int) -> None:
+            torch.manual_seed(seed)
+
+        def manual_seed_all(self, seed: int) -> None:
+            torch.manual_seed(seed)
+
+        def set_allocator_settings(self, settings: str) -> None:
+            pass
+
+        def empty_cache(self) -> None:
+            pass
+
+        def get_device_capability(self, device_index: int = 0):
+            return None, None
+
+        def communication_backend_name(self) -> str:
+            return "gloo"
+
+        def visible_devices_envvar(self) -> str:
+            return "CUDA_VISIBLE_DEVICES"
+
+        @contextmanager
+        def nvtx_range(self, msg: str):
+            yield
+
+        def profiler_start(self) -> None:
+            pass
+
+        def profiler_stop(self) -> None:
+            pass
+
+        def ray_resource_name(self) -> str:
+            return "CPU"
+
+        def ray_resource_options(self, num_gpus: float) -> dict[str, Any]:
+            return {}
+
+        def ray_noset_envvars(self) -> list[str]:
+            return []
+
+        def is_ipc_supported(self) -> bool:
+            return False
+
+        def rollout_env_vars(self) -> dict[str, str]:
+            return {}
+
+        def get_collective_module(self):
+            return None
+
+        def cudart(self):
+            return None
+
+    PlatformRegistry.register("cpu_test")(CPUPlatform)
+    platform = CPUPlatform()
+    set_platform(platform)
+    return platform
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_process_group(rank: int = 0, world_size: int = 1, port: int | None = None) -> None:
+    """gloo process group (idempotent for world size 1)."""
+    if torch.distributed.is_initialized():
+        return
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port or free_port())
+    os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world_size)
+    os.environ["LOCAL_RANK"], os.environ["LOCAL_WORLD_SIZE"] = str(rank), str(world_size)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+
+
+VOCAB = 128
+
+
+def save_tiny_qwen3(path: str, seed: int = 0, value_model: bool = False) -> str:
+    """A tiny random Qwen3 (and a word-level tokenizer) saved like a hub checkpoint; no download."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, PreTrainedTokenizerFast, Qwen3Config
+
+    vocab = {f"t{i}": i for i in range(VOCAB - 3)} | {"<pad>": VOCAB - 3, "<eos>": VOCAB - 2, "<unk>": VOCAB - 1}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    config = Qwen3Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        pad_token_id=VOCAB - 3,
+        eos_token_id=VOCAB - 2,
+        bos_token_id=VOCAB - 2,
+    )
+    torch.manual_seed(seed)
+    if value_model:
+        config.num_labels = 1
+        model = AutoModelForTokenClassification.from_config(config)
+    else:
+        model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+def build_worker(model_dir: str, reuse: bool, model_type: str = "language_model", **engine_kwargs):
+    """verl's real TrainingWorker (FSDP2, fp32, SDPA) in this process.
+
+    reuse=False builds verl's stock engine class (the lookup skips verl-prefix's vendor keys);
+    reuse=True builds verl-prefix's engine with `prefix_reuse.enable=true`.
+    """
+    from verl.trainer.config import CheckpointConfig
+    from verl.workers.config import FSDPEngineConfig, FSDPOptimizerConfig, HFModelConfig
+    from verl.workers.config.engine import TrainingWorkerConfig
+    from verl.workers.engine_workers import TrainingWorker
+
+    from verl_prefix.backend.config import PrefixReuseSettings, attach
+    from verl_prefix.backend.registry import install_engines
+
+    install_engines()
+    settings = engine_kwargs.pop("prefix_reuse", {})
+    use_remove_padding = engine_kwargs.pop("use_remove_padding", True)
+    model_config = HFModelConfig(
+        path=model_dir,
+        use_remove_padding=use_remove_padding,
+        enable_gradient_checkpointing=False,
+        override_config={"attn_implementation": "sdpa"},
+    )
+    fp32 = {"param_dtype": "fp32", "reduce_dtype": "fp32", "buffer_dtype": "fp32"}
+    defaults = dict(strategy="fsdp2", use_torch_compile=False, mixed_precision=fp32, model_dtype="fp32")
+    engine_config = FSDPEngineConfig(**{**defaults, **engine_kwargs})
+    if reuse:
+        attach(engine_config, PrefixReuseSettings(enable=True, **settings))
+    os.environ["VERL_ENGINE_VENDOR"] = "nvidia" if reuse else "stock"
+    try:
+        worker = TrainingWorker(
+            TrainingWorkerConfig(
+                model_type=model_type,
+                model_config=model_config,
+                engine_config=engine_config,
+                optimizer_config=FSDPOptimizerConfig(lr=1e-3),
+                checkpoint_config=CheckpointConfig(),
+            )
+        )
+    finally:
+        os.environ["VERL_ENGINE_VENDOR"] = "nvidia"
+    worker.reset()
+    return worker
+
+
+def make_batch(groups, seed: int = 0, calculate_entropy: bool = False, temperature: float = 1.0, critic=False):
+    """verl's V1 update/log-prob TensorDict: nested (jagged) rows, response-length fields, uid.
+
+    groups: list of (prompt_len, [response lengths]) - one uid per entry, rows share the prompt.
+    """
+    from verl.utils import tensordict_utils as tu
+
+    gen = torch.Generator().manual_seed(seed)
+    prompts, responses, uids = [], [], []
+    for g, (prompt_len, resp_lens) in enumerate(groups):
+        prompt = torch.randint(0, VOCAB - 3, (prompt_len,), generator=gen)
+        for n in resp_lens:
+            prompts.append(prompt)
+            responses.append(torch.randint(0, VOCAB - 3, (n,), generator=gen))
+            uids.append(f"uid-{g}")
+
+    def nested(xs):
+        return torch.nested.as_nested_tensor(xs, layout=torch.jagged)
+
+    ids = [torch.cat([p, r]) for p, r in zip(prompts, responses, strict=True)]
+    mask = [torch.ones(len(r), dtype=torch.int64) for r in responses]
+    fields = dict(
+        input_ids=nested(ids),
+        position_ids=nested([torch.arange(len(x)) for x in ids]),
+        prompts=nested(prompts),
+        responses=nested(responses),
+        attention_mask=nested([torch.ones(len(x), dtype=torch.int64) for x in ids]),
+        response_mask=nested(mask),
+        loss_mask=nested([m.clone() for m in mask]),
+        uid=uids,
+    )
+    if critic:
+        fields["values"] = nested([torch.randn(len(r), generator=gen) * 0.1 for r in responses])
+        fields["returns"] = nested([torch.randn(len(r), generator=gen) for r in responses])
+    else:
+        fields["old_log_probs"] = nested([-torch.rand(len(r), generator=gen) - 4.5 for r in responses])
+        fields["advantages"] = nested([torch.randn(len(r), generator=gen) for r in responses])
+    n = len(ids)
+    meta = dict(
+        calculate_entropy=calculate_entropy,
+        global_batch_size=n,
+        mini_batch_size=n,
+        epochs=1,
+        seed=1,
+        dataloader_kwargs={"shuffle": False},
+        temperature=temperature,
+    )
+    return tu.get_tensordict(tensor_dict=fields, non_tensor_dict=meta)
