@@ -289,3 +289,39 @@ def make_batch(groups, seed: int = 0, calculate_entropy: bool = False, temperatu
         temperature=temperature,
     )
     return tu.get_tensordict(tensor_dict=fields, non_tensor_dict=meta)
+
+
+def two_rank_grads(rank: int, port: int, model_dir: str, out_dir: str, groups_per_rank) -> None:
+    """mp.spawn target: stock vs reuse gradients of one dp=2 mini-batch; rank 0 writes the result."""
+    import json
+    from functools import partial
+
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.config import FSDPActorConfig
+    from verl.workers.utils.losses import ppo_loss
+
+    install_cpu_platform()
+    init_process_group(rank, 2, port)
+    loss_fn = partial(
+        ppo_loss,
+        config=FSDPActorConfig(strategy="fsdp2", rollout_n=4, ppo_mini_batch_size=2, ppo_micro_batch_size_per_gpu=2),
+    )
+    kwargs = dict(use_dynamic_bsz=True, max_token_len_per_gpu=48, infer_max_token_len_per_gpu=48)
+    result = {}
+    for reuse in (False, True):
+        worker = build_worker(model_dir, reuse=reuse, **kwargs)
+        data = make_batch(groups_per_rank[rank], seed=rank)
+        for key, val in dict(use_remove_padding=True, use_dynamic_bsz=True, max_token_len_per_gpu=48).items():
+            tu.assign_non_tensor(data, **{key: val})
+        engine = worker.engine
+        with engine.train_mode():
+            engine.optimizer_zero_grad()
+            out = engine.forward_backward_batch(data, loss_fn, forward_only=False)
+            grads = {n: p.grad.full_tensor() for n, p in engine.module.named_parameters()}
+        result["reuse" if reuse else "stock"] = (grads, out["metrics"].get("prefix_reuse/groups"))
+    if rank == 0:
+        (stock, _), (reuse, groups) = result["stock"], result["reuse"]
+        errs = {n: ((reuse[n] - g).abs().max() / g.abs().max()).item() for n, g in stock.items()}
+        with open(f"{out_dir}/result.json", "w") as f:
+            json.dump({"max_rel_err": max(errs.values()), "groups_rank0": groups}, f)
+    torch.distributed.destroy_process_group()
