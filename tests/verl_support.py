@@ -241,13 +241,42 @@ def build_worker(model_dir: str, reuse: bool, model_type: str = "language_model"
     return worker
 
 
-def make_batch(groups, seed: int = 0, calculate_entropy: bool = False, temperature: float = 1.0, critic=False):
-    """verl's V1 update/log-prob TensorDict: nested (jagged) rows, response-length fields, uid.
+def nested(xs: list[torch.Tensor]) -> torch.Tensor:
+    return torch.nested.as_nested_tensor(xs, layout=torch.jagged)
 
-    groups: list of (prompt_len, [response lengths]) - one uid per entry, rows share the prompt.
-    """
+
+def rows_tensordict(prompts, responses, uids, response_fields: dict, **meta):
+    """verl's V1 update/log-prob TensorDict: nested (jagged) rows, response-length fields, uid."""
     from verl.utils import tensordict_utils as tu
 
+    ids = [torch.cat([p, r]) for p, r in zip(prompts, responses, strict=True)]
+    mask = [torch.ones(len(r), dtype=torch.int64) for r in responses]
+    fields = dict(
+        input_ids=nested(ids),
+        position_ids=nested([torch.arange(len(x)) for x in ids]),
+        prompts=nested(list(prompts)),
+        responses=nested(list(responses)),
+        attention_mask=nested([torch.ones(len(x), dtype=torch.int64) for x in ids]),
+        response_mask=nested(mask),
+        loss_mask=nested([m.clone() for m in mask]),
+        uid=list(uids),
+        **{k: nested(list(v)) for k, v in response_fields.items()},
+    )
+    n = len(ids)
+    defaults = dict(
+        calculate_entropy=False,
+        global_batch_size=n,
+        mini_batch_size=n,
+        epochs=1,
+        seed=1,
+        dataloader_kwargs={"shuffle": False},
+        temperature=1.0,
+    )
+    return tu.get_tensordict(tensor_dict=fields, non_tensor_dict={**defaults, **meta})
+
+
+def make_batch(groups, seed: int = 0, calculate_entropy: bool = False, temperature: float = 1.0, critic=False):
+    """A random mini-batch. groups: list of (prompt_len, [response lengths]), one uid each."""
     gen = torch.Generator().manual_seed(seed)
     prompts, responses, uids = [], [], []
     for g, (prompt_len, resp_lens) in enumerate(groups):
@@ -256,39 +285,19 @@ def make_batch(groups, seed: int = 0, calculate_entropy: bool = False, temperatu
             prompts.append(prompt)
             responses.append(torch.randint(0, VOCAB - 3, (n,), generator=gen))
             uids.append(f"uid-{g}")
-
-    def nested(xs):
-        return torch.nested.as_nested_tensor(xs, layout=torch.jagged)
-
-    ids = [torch.cat([p, r]) for p, r in zip(prompts, responses, strict=True)]
-    mask = [torch.ones(len(r), dtype=torch.int64) for r in responses]
-    fields = dict(
-        input_ids=nested(ids),
-        position_ids=nested([torch.arange(len(x)) for x in ids]),
-        prompts=nested(prompts),
-        responses=nested(responses),
-        attention_mask=nested([torch.ones(len(x), dtype=torch.int64) for x in ids]),
-        response_mask=nested(mask),
-        loss_mask=nested([m.clone() for m in mask]),
-        uid=uids,
-    )
     if critic:
-        fields["values"] = nested([torch.randn(len(r), generator=gen) * 0.1 for r in responses])
-        fields["returns"] = nested([torch.randn(len(r), generator=gen) for r in responses])
+        extra = dict(
+            values=[torch.randn(len(r), generator=gen) * 0.1 for r in responses],
+            returns=[torch.randn(len(r), generator=gen) for r in responses],
+        )
     else:
-        fields["old_log_probs"] = nested([-torch.rand(len(r), generator=gen) - 4.5 for r in responses])
-        fields["advantages"] = nested([torch.randn(len(r), generator=gen) for r in responses])
-    n = len(ids)
-    meta = dict(
-        calculate_entropy=calculate_entropy,
-        global_batch_size=n,
-        mini_batch_size=n,
-        epochs=1,
-        seed=1,
-        dataloader_kwargs={"shuffle": False},
-        temperature=temperature,
+        extra = dict(
+            old_log_probs=[-torch.rand(len(r), generator=gen) - 4.5 for r in responses],
+            advantages=[torch.randn(len(r), generator=gen) for r in responses],
+        )
+    return rows_tensordict(
+        prompts, responses, uids, extra, calculate_entropy=calculate_entropy, temperature=temperature
     )
-    return tu.get_tensordict(tensor_dict=fields, non_tensor_dict=meta)
 
 
 def two_rank_grads(rank: int, port: int, model_dir: str, out_dir: str, groups_per_rank) -> None:
