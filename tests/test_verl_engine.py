@@ -42,21 +42,10 @@ def critic_dir(tmp_path_factory):
 
 @pytest.fixture
 def sdpa_value_models(monkeypatch):
-    """verl 0.9.1 loads value models with attn_implementation="flash_attention_2" hard-coded, and
-    flash-attn has no CPU build: load the same class with SDPA instead (the only change)."""
     import verl.utils.model as verl_model
-    from transformers import AutoModelForTokenClassification
 
-    def load_valuehead_model(local_path, torch_dtype, model_config, trust_remote_code):
-        return AutoModelForTokenClassification.from_pretrained(
-            local_path,
-            torch_dtype=torch_dtype,
-            config=model_config,
-            attn_implementation="sdpa",
-            trust_remote_code=trust_remote_code,
-        )
-
-    monkeypatch.setattr(verl_model, "load_valuehead_model", load_valuehead_model)
+    monkeypatch.setattr(verl_model, "load_valuehead_model", verl_model.load_valuehead_model)  # restored after
+    vs.load_value_models_with_sdpa()
 
 
 def actor_loss(entropy_coeff=0.0):

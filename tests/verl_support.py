@@ -3,6 +3,8 @@
 CPU-only stand-ins, and why:
 - `CPUPlatform`: verl has no CPU platform (it falls back to CUDA). This one reports device "cpu",
   the gloo backend, and no-op memory/RNG hooks, and is installed before verl's engines are built.
+- verl's worker process-group backend string ("cpu:gloo,<device>:<backend>") becomes plain gloo.
+- FSDP2's `CPUOffloadPolicy` (verl's forward-only engines) runs unpinned: pinning needs an accelerator.
 - `VERL_ENGINE_DEVICE=cuda`: verl registers its FSDP engines for "cuda"/"npu" only; the lookup key
   is all this changes (the engine then runs on whatever device the platform reports).
 Everything else (FSDP2 over gloo, verl's configs, engines, losses, TensorDict layout) is real.
@@ -135,6 +137,21 @@ def install_cpu_platform():
     PlatformRegistry.register("cpu_test")(CPUPlatform)
     platform = CPUPlatform()
     set_platform(platform)
+
+    # verl's worker process group backend is "cpu:gloo,<device>:<backend>", which names "cpu"
+    # twice on a CPU platform; plain gloo is what that string means here.
+    import verl.utils.distributed as verl_distributed
+    import verl.workers.engine_workers as engine_workers
+
+    init_pg = functools.partial(verl_distributed.initialize_global_process_group_ray, backend="gloo")
+    engine_workers.initialize_global_process_group_ray = init_pg
+
+    # verl builds forward-only engines (the reference policy) with CPUOffloadPolicy(pin_memory=True);
+    # pinning needs an accelerator. Same policy, unpinned.
+    import verl.workers.engine.fsdp.transformer_impl as fsdp_impl
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    fsdp_impl.CPUOffloadPolicy = lambda pin_memory=True: CPUOffloadPolicy(pin_memory=False)
     return platform
 
 
@@ -334,3 +351,21 @@ def two_rank_grads(rank: int, port: int, model_dir: str, out_dir: str, groups_pe
         with open(f"{out_dir}/result.json", "w") as f:
             json.dump({"max_rel_err": max(errs.values()), "groups_rank0": groups}, f)
     torch.distributed.destroy_process_group()
+
+
+def load_value_models_with_sdpa() -> None:
+    """verl 0.9.1 loads value models with attn_implementation="flash_attention_2" hard-coded, and
+    flash-attn has no CPU build: load the same class with SDPA instead (the only change)."""
+    import verl.utils.model as verl_model
+    from transformers import AutoModelForTokenClassification
+
+    def load_valuehead_model(local_path, torch_dtype, model_config, trust_remote_code):
+        return AutoModelForTokenClassification.from_pretrained(
+            local_path,
+            torch_dtype=torch_dtype,
+            config=model_config,
+            attn_implementation="sdpa",
+            trust_remote_code=trust_remote_code,
+        )
+
+    verl_model.load_valuehead_model = load_valuehead_model

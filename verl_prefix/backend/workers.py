@@ -10,7 +10,7 @@ from __future__ import annotations
 from verl.single_controller.base.decorator import Dispatch, register
 from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
 
-from .config import attach
+from .config import as_settings, attach
 from .registry import install_engines
 
 
@@ -29,8 +29,7 @@ class PrefixReuseActorRolloutRefWorker(ActorRolloutRefWorker):
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def init_model(self):
         super().init_model()
-        actor = getattr(self, "actor", None)
-        ref = getattr(self, "ref", None)
-        settings = getattr(actor.engine.engine_config, "prefix_reuse", None) if actor is not None else None
-        if ref is not None and settings is not None:
-            attach(ref.engine.engine_config, settings)
+        # Read from the raw config: a "ref"-only worker has no actor engine to copy from.
+        settings = as_settings(self.config.actor.get("prefix_reuse", None))
+        if self.ref is not None:
+            attach(self.ref.engine.engine_config, settings)
