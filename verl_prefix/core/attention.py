@@ -99,19 +99,11 @@ def active_context(ctx: AttentionContext) -> Iterator[AttentionContext]:
         _ACTIVE = previous
 
 
-def _block_mask(block: Block, device: torch.device) -> torch.Tensor | None:
-    """Boolean [q, prefix + q] mask: full prefix visibility, causal inside each row. None = plain causal."""
-    n = block.q_end - block.q_start
-    p = block.prefix.length if block.prefix else 0
-    if p == 0 and len(block.row_lengths) == 1:
-        return None
-    row_of = torch.repeat_interleave(
-        torch.arange(len(block.row_lengths), device=device),
-        torch.tensor(block.row_lengths, device=device),
-    )
+def _row_mask(prefix_len: int, n: int, device: torch.device) -> torch.Tensor:
+    """Boolean [n, prefix_len + n]: the whole prefix, then causal inside the row (bottom-right)."""
     idx = torch.arange(n, device=device)
-    own = (row_of[:, None] == row_of[None, :]) & (idx[None, :] <= idx[:, None])
-    return torch.cat([torch.ones(n, p, dtype=torch.bool, device=device), own], dim=1)
+    own = idx[None, :] <= idx[:, None]
+    return torch.cat([torch.ones(n, prefix_len, dtype=torch.bool, device=device), own], dim=1)
 
 
 def _prefix_for_block(ctx: AttentionContext, block: Block, layer: int):
@@ -121,32 +113,74 @@ def _prefix_for_block(ctx: AttentionContext, block: Block, layer: int):
 
 
 def _sdpa(ctx: AttentionContext, layer: int, q, k, v, scaling: float, dropout: float) -> torch.Tensor:
-    """Reference path: one masked SDPA per block. Returns [1, heads, tokens, head_dim]."""
-    masks = ctx._cache.setdefault("sdpa_masks", {})
+    """Reference path: one SDPA per row over keys [its prefix ; its own tokens].
+
+    No score between two rows is ever formed (not even masked), so the work is the rows' own and a
+    row's gradient never reaches another row's tokens: a NaN/inf in one row stays in that row and
+    its prefix, exactly as in dense training. Returns [1, heads, tokens, head_dim].
+    """
+    masks = ctx._cache.setdefault("sdpa_row_masks", {})
     gqa = q.shape[1] != k.shape[1]
     outs = []
-    for i, block in enumerate(ctx.blocks):
-        qs, qe = block.q_start, block.q_end
-        kb, vb = k[:, :, qs:qe], v[:, :, qs:qe]
+    blocks, i = ctx.blocks, 0
+    while i < len(blocks):
+        block = blocks[i]
         kp, vp = _prefix_for_block(ctx, block, layer)
-        if kp is not None:
-            kb, vb = torch.cat([kp, kb], dim=2), torch.cat([vp, vb], dim=2)
-        if i not in masks:
-            masks[i] = _block_mask(block, q.device) if ctx.mode == "suffix" else None
-        mask = masks[i]
-        outs.append(
-            F.scaled_dot_product_attention(
-                q[:, :, qs:qe],
-                kb,
-                vb,
-                attn_mask=mask,
-                is_causal=mask is None,
-                dropout_p=dropout,
-                scale=scaling,
-                enable_gqa=gqa,
+        if kp is None and len(block.row_lengths) == 1:
+            # consecutive prefix-less rows of one length (rows that share nothing, Phase-A
+            # prefixes): one batched causal call, as a dense batch would make
+            j = i + 1
+            while j < len(blocks) and blocks[j].row_lengths == block.row_lengths and blocks[j].prefix is None:
+                j += 1
+            if j - i > 1:
+                outs.append(_batched_causal(q, k, v, block.q_start, j - i, block.row_lengths[0], scaling, dropout))
+                i = j
+                continue
+        p = 0 if kp is None else kp.shape[2]
+        qs = block.q_start
+        for n in block.row_lengths:
+            kr, vr = k[:, :, qs : qs + n], v[:, :, qs : qs + n]
+            mask = None
+            if kp is not None:
+                kr, vr = torch.cat([kp, kr], dim=2), torch.cat([vp, vr], dim=2)
+                if n > 1:  # a single query sees every key
+                    if (p, n) not in masks:
+                        masks[(p, n)] = _row_mask(p, n, q.device)
+                    mask = masks[(p, n)]
+            outs.append(
+                F.scaled_dot_product_attention(
+                    q[:, :, qs : qs + n],
+                    kr,
+                    vr,
+                    attn_mask=mask,
+                    is_causal=kp is None and n > 1,  # no prefix: square causal (top-left = bottom-right)
+                    dropout_p=dropout,
+                    scale=scaling,
+                    enable_gqa=gqa,
+                )
             )
-        )
+            qs += n
+        i += 1
     return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+
+
+def _batched_causal(q, k, v, start: int, rows: int, n: int, scaling: float, dropout: float) -> torch.Tensor:
+    """`rows` equal-length rows without a prefix, packed from `start`: one batched causal SDPA
+    (the layout a dense batch has). Returns [1, heads, rows * n, head_dim]."""
+
+    def batched(x: torch.Tensor) -> torch.Tensor:  # [1, h, rows * n, d] -> [rows, h, n, d]
+        return x[0, :, start : start + rows * n].unflatten(1, (rows, n)).transpose(0, 1)
+
+    out = F.scaled_dot_product_attention(
+        batched(q),
+        batched(k),
+        batched(v),
+        is_causal=True,
+        dropout_p=dropout,
+        scale=scaling,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+    return out.transpose(0, 1).flatten(1, 2)[None]
 
 
 @functools.cache

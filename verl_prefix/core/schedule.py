@@ -16,6 +16,7 @@ from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
@@ -327,12 +328,16 @@ def token_log_probs(
     """
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    logits = logits / (temperature.to(logits.dtype) if isinstance(temperature, torch.Tensor) else temperature)
+    if isinstance(temperature, torch.Tensor):
+        logits = logits / temperature.to(logits.dtype)
+    elif temperature != 1.0:  # skip a full [N, V] copy in the common case
+        logits = logits / temperature
+    if not entropy:
+        # fused log-softmax + gather: fewer passes over [N, V] than logsumexp's backward
+        return -F.cross_entropy(logits, labels, reduction="none"), None
     lse = torch.logsumexp(logits, dim=-1)
     log_probs = logits.gather(-1, labels[:, None]).squeeze(-1) - lse
-    ent = None
-    if entropy:
-        ent = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    ent = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
     return log_probs, ent
 
 
