@@ -1,11 +1,35 @@
-"""`verl-prefix bench` runs end to end and reports a reuse gradient equal to dense."""
+"""`verl-prefix bench`: single points, sweeps, the JSON document, the plot and the capacity search."""
 
 import json
 
-from verl_prefix.bench import BenchConfig, run_bench
+import jsonschema
+import pytest
+
+from verl_prefix.bench import BenchConfig, _most_rows, run_bench
 from verl_prefix.cli import main
+from verl_prefix.random_models import SHAPES, shaped_config
+from verl_prefix.sweep import JSON_SCHEMA, grid
 
 SMALL = dict(hidden_size=32, num_layers=2, vocab_size=128, prefix_len=24, suffix_len=6, group_size=4, groups=2)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def small_args(**overrides) -> list[str]:
+    args = []
+    for k, v in {**SMALL, "repeats": 1, "max_tokens_per_micro_batch": 64, **overrides}.items():
+        args += ["--" + k.replace("_", "-"), str(v)]
+    return args
+
+
+def assert_png(path) -> None:
+    from PIL import Image
+
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE
+    with Image.open(path) as img:
+        img.verify()
+    with Image.open(path) as img:
+        assert img.size[0] > 100 and img.size[1] > 100
 
 
 def test_bench_result_fields():
@@ -14,16 +38,82 @@ def test_bench_result_fields():
     assert res.flop_bound > 1.5
     assert res.speedup > 0 and res.efficiency == res.speedup / res.flop_bound
     assert set(res.phase_seconds) == {"A", "B", "C"}
+    assert res.dense_peak_memory_bytes is not None and res.idle_memory_bytes is not None
+    assert res.capacity is None
 
 
-def test_cli_bench_json(tmp_path, capsys):
+def test_cli_bench_single_point_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    args = ["bench", "--repeats", "1", "--prefix-activations", "recompute", "--json", str(out)]
-    for k, v in SMALL.items():
-        args += ["--" + k.replace("_", "-"), str(v)]
-    assert main(args) == 0
+    assert main(["bench", *small_args(prefix_activations="recompute"), "--quiet", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "speedup" in printed and "FLOP bound" in printed and "grad diff" in printed
-    data = json.loads(out.read_text())
-    assert data["config"]["prefix_activations"] == "recompute"
-    assert data["max_grad_rel_diff"] < 1e-4
+    doc = json.loads(out.read_text())
+    jsonschema.validate(doc, JSON_SCHEMA)
+    (point,) = doc["results"]
+    assert point["config"]["prefix_activations"] == "recompute"
+    assert point["max_grad_rel_diff"] < 1e-4
+
+
+def test_cli_bench_sweep_json_and_plot(tmp_path, capsys):
+    out, png = tmp_path / "sweep.json", tmp_path / "sweep.png"
+    args = small_args(group_size="2,4", prefix_activations="keep,offload", capacity="true", max_capacity_rows=8)
+    assert main(["bench", *args, "--quiet", "--json", str(out), "--plot", str(png)]) == 0
+    table = capsys.readouterr().out
+    assert table.count("| 24 | 6 |") == 4  # one table line per point
+    doc = json.loads(out.read_text())
+    jsonschema.validate(doc, JSON_SCHEMA)
+    points = [(p["config"]["group_size"], p["config"]["prefix_activations"]) for p in doc["results"]]
+    assert points == [(2, "keep"), (2, "offload"), (4, "keep"), (4, "offload")]
+    for p in doc["results"]:
+        assert p["max_grad_rel_diff"] < 1e-4
+        cap = p["capacity"]
+        assert 0 <= cap["dense_rows"] <= 8 and 0 <= cap["reuse_rows"] <= 8
+        assert cap["dense_tokens"] == cap["dense_rows"] * (24 + 6)
+    assert_png(png)
+
+
+def test_schema_rejects_a_point_without_speedup(tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", *small_args(), "--quiet", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    del doc["results"][0]["speedup"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(doc, JSON_SCHEMA)
+
+
+def test_grid_is_the_product_and_rejects_unknown_fields():
+    configs = grid(BenchConfig(), {"prefix_len": [256, 512], "suffix_len": [32, 64, 128], "group_size": [8]})
+    assert [(c.prefix_len, c.suffix_len) for c in configs] == [
+        (256, 32),
+        (256, 64),
+        (256, 128),
+        (512, 32),
+        (512, 64),
+        (512, 128),
+    ]
+    with pytest.raises(ValueError, match="cannot sweep 'hidden_size'"):
+        grid(BenchConfig(), {"hidden_size": [1, 2]})
+
+
+@pytest.mark.parametrize("limit,threshold", [(256, 37), (256, 1), (256, 0), (16, 100), (16, 16), (5, 3)])
+def test_capacity_search_finds_the_largest_fitting_row_count(limit, threshold):
+    calls = []
+
+    def fits(n: int) -> bool:
+        calls.append(n)
+        assert 1 <= n <= limit
+        return n <= threshold
+
+    rows, capped = _most_rows(fits, limit)
+    assert rows == min(threshold, limit)
+    assert capped == (threshold >= limit)
+    assert len(calls) <= 2 * limit.bit_length() + 1  # doubling then bisection
+
+
+@pytest.mark.parametrize("name", SHAPES)
+def test_shipped_shapes_build_without_download(name):
+    config = shaped_config(name, num_layers=1, min_positions=20000)
+    assert config.num_hidden_layers == 1 and config.max_position_embeddings >= 20000
+    assert config.hidden_size >= 2048 and config.vocab_size > 100000
+    with pytest.raises(ValueError, match="model='nope' is unknown"):
+        shaped_config("nope")

@@ -1,39 +1,71 @@
-"""Dense vs shared-prefix training step on synthetic GRPO groups: gradient agreement, speed, bound.
+"""One benchmark point: dense vs shared-prefix training step on synthetic GRPO groups.
 
 Dense baseline: rows of equal length batched as [rows, P + S] through the model's stock SDPA
 (causal fast path, no padding), full logits as verl computes them, micro-batches of at most
 `max_tokens_per_micro_batch` tokens. Reuse: `forward_backward` with the same budget and loss.
+Reported: median times, speedup, FLOP bound, efficiency, gradient agreement, peak memory per
+phase and, on request, the capacity frontier (most trajectories one step holds within a memory
+budget, dense vs reuse).
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from .core import PrefixReuseConfig, forward_backward, token_log_probs
-from .random_models import model_config, random_model
+from .core.flops import FlopModel
+from .core.memory import current_bytes, phase_peak
+from .random_models import SHAPES, model_config, random_model, shaped_config
+
+MODELS = ("tiny", *SHAPES)
+TINY_LAYERS = 4
 
 
 @dataclass
 class BenchConfig:
-    family: str = "qwen3"
-    hidden_size: int = 256
-    num_layers: int = 4
-    vocab_size: int = 8192
+    model: str = "tiny"  # "tiny" (family/hidden_size/vocab_size below) or a shipped shape, e.g. qwen3-8b
+    family: str = "qwen3"  # tiny only: qwen3 | llama | qwen2 | qwen3_moe
+    hidden_size: int = 256  # tiny only
+    num_layers: int = 0  # 0 = the model's own depth (tiny: 4); fewer layers keep ratios, cut memory
+    vocab_size: int = 8192  # tiny only
     prefix_len: int = 512  # shared prompt tokens per group (the prompt is prefix_len + 1 tokens)
     suffix_len: int = 64  # tokens per row after the prefix (last prompt token + response)
     group_size: int = 8
     groups: int = 2
     max_tokens_per_micro_batch: int = 4096
+    dense_logits: str = "all"  # dense baseline: "all" positions (as verl computes) or "response" only
     attention: str = "sdpa"
     prefix_activations: str = "keep"
     dtype: str = "float32"
     device: str = "cpu"
     repeats: int = 3
     seed: int = 0
+    capacity: bool = False  # also search the most trajectories one step holds (dense vs reuse)
+    memory_budget_gb: float = 0.0  # capacity budget above idle memory; 0 = dense's need for one group
+    max_capacity_rows: int = 256  # the capacity search stops here
+
+
+@dataclass
+class Capacity:
+    """Most trajectories (and their logical tokens) one training step holds within `budget_bytes`.
+
+    Each side runs all its rows in one micro-batch (reuse: one prefix chunk, one suffix batch);
+    memory is the step's peak above the idle model. `capped` marks a search that hit the row limit.
+    """
+
+    budget_bytes: int
+    dense_rows: int
+    reuse_rows: int
+    dense_tokens: int
+    reuse_tokens: int
+    ratio: float  # reuse_tokens / dense_tokens
+    capped: bool
 
 
 @dataclass
@@ -47,27 +79,48 @@ class BenchResult:
     max_grad_rel_diff: float  # max over parameters of max|g_reuse - g_dense| / max|g_dense|
     phase_seconds: dict[str, float] = field(default_factory=dict)
     phase_peak_memory_bytes: dict[str, int | None] = field(default_factory=dict)
+    dense_peak_memory_bytes: int | None = None
+    idle_memory_bytes: int | None = None  # before a step: weights (and nothing else) resident
+    phase_B_memory_saving: float | None = None  # 1 - (B peak - idle) / (dense peak - idle)
+    capacity: Capacity | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def synthetic_groups(cfg: BenchConfig) -> tuple[list[torch.Tensor], list[int], list[str], list[torch.Tensor]]:
+def build_model(cfg: BenchConfig, min_positions: int = 0) -> torch.nn.Module:
+    """Random-weight model of `cfg.model` on `cfg.device` in `cfg.dtype` (no download)."""
+    if cfg.model == "tiny":
+        config = model_config(
+            cfg.family,
+            cfg.hidden_size,
+            cfg.num_layers or TINY_LAYERS,
+            vocab_size=cfg.vocab_size,
+            max_positions=max(32768, min_positions),
+        )
+    else:
+        config = shaped_config(cfg.model, cfg.num_layers or None, min_positions)
+    return random_model(config, getattr(torch, cfg.dtype), cfg.device, cfg.seed)
+
+
+def synthetic_groups(
+    cfg: BenchConfig, vocab_size: int, groups: int | None = None
+) -> tuple[list[torch.Tensor], list[int], list[str], list[torch.Tensor]]:
     """GRPO-shaped batch: `groups` prompts of prefix_len + 1 tokens, `group_size` responses each."""
     gen = torch.Generator().manual_seed(cfg.seed)
     response_len = cfg.suffix_len - 1
     rows, starts, uids, advantages = [], [], [], []
-    for g in range(cfg.groups):
-        prompt = torch.randint(0, cfg.vocab_size, (cfg.prefix_len + 1,), generator=gen)
+    for g in range(cfg.groups if groups is None else groups):
+        prompt = torch.randint(0, vocab_size, (cfg.prefix_len + 1,), generator=gen)
         for _ in range(cfg.group_size):
-            rows.append(torch.cat([prompt, torch.randint(0, cfg.vocab_size, (response_len,), generator=gen)]))
+            rows.append(torch.cat([prompt, torch.randint(0, vocab_size, (response_len,), generator=gen)]))
             starts.append(len(prompt))
             uids.append(f"uid-{g}")
             advantages.append(torch.randn(response_len, generator=gen))
     return rows, starts, uids, advantages
 
 
-def _policy_loss(advantages: list[torch.Tensor], total_tokens: int):
+def policy_loss(advantages: list[torch.Tensor], total_tokens: int):
     """Token-mean policy-gradient surrogate: -sum(A * logp) / total response tokens."""
 
     def loss_fn(indices: list[int], log_probs: list[torch.Tensor]) -> torch.Tensor:
@@ -77,21 +130,32 @@ def _policy_loss(advantages: list[torch.Tensor], total_tokens: int):
     return loss_fn
 
 
-def dense_step(model, rows, starts, loss_fn, max_tokens: int, temperature: float = 1.0) -> None:
-    """Stock dense forward/backward over equal-length rows in micro-batches."""
-    per_mb = max(1, max_tokens // len(rows[0]))
+def dense_step(
+    model, rows, starts, loss_fn, max_tokens: int | None, temperature: float = 1.0, logits: str = "all"
+) -> None:
+    """Stock dense forward/backward over equal-length rows in micro-batches (None: one micro-batch).
+
+    logits="all" computes the lm_head at every position (verl's engines do); "response" only at
+    the positions whose logits are read (`logits_to_keep`), the cheapest dense baseline.
+    """
+    if logits not in ("all", "response"):
+        raise ValueError(f"BenchConfig.dense_logits={logits!r} is unknown; use 'all' or 'response'.")
+    per_mb = max(1, max_tokens // len(rows[0])) if max_tokens else len(rows)
     for lo in range(0, len(rows), per_mb):
         idx = list(range(lo, min(lo + per_mb, len(rows))))
         batch = torch.stack([rows[i] for i in idx])
-        logits = model(input_ids=batch, use_cache=False).logits
+        keep = 0 if logits == "all" else len(rows[idx[0]]) - min(starts[i] for i in idx) + 1
+        out = model(input_ids=batch, use_cache=False, logits_to_keep=keep).logits
+        offset = batch.shape[1] - out.shape[1]  # position of out[:, 0]
         log_probs = []
         for k, i in enumerate(idx):
-            lp, _ = token_log_probs(logits[k, starts[i] - 1 : -1], rows[i][starts[i] :], temperature)
+            lp, _ = token_log_probs(out[k, starts[i] - 1 - offset : -1], rows[i][starts[i] :], temperature)
             log_probs.append(lp)
+        del out
         loss_fn(idx, log_probs).backward()
 
 
-def _timed(fn, device: torch.device) -> float:
+def _timed(fn: Callable[[], None], device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
@@ -101,32 +165,32 @@ def _timed(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def run_bench(cfg: BenchConfig, progress=None) -> BenchResult:
+def _grads(model: torch.nn.Module) -> list[torch.Tensor]:
+    out = [p.grad.detach().clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def run_bench(cfg: BenchConfig, progress=None, model: torch.nn.Module | None = None) -> BenchResult:
+    """Measure one point; `model` (built by `build_model`) may be shared across points of a sweep."""
     device = torch.device(cfg.device)
-    dtype = getattr(torch, cfg.dtype)
-    model = random_model(
-        model_config(cfg.family, cfg.hidden_size, cfg.num_layers, vocab_size=cfg.vocab_size), dtype, device, cfg.seed
-    )
-    rows, starts, uids, advantages = synthetic_groups(cfg)
+    model = model if model is not None else build_model(cfg, cfg.prefix_len + cfg.suffix_len)
+    vocab = model.config.vocab_size
+    rows, starts, uids, advantages = synthetic_groups(cfg, vocab)
     rows = [r.to(device) for r in rows]
     advantages = [a.to(device) for a in advantages]
-    loss_fn = _policy_loss(advantages, sum(len(a) for a in advantages))
+    loss_fn = policy_loss(advantages, sum(len(a) for a in advantages))
     config = PrefixReuseConfig(
         max_tokens_per_micro_batch=cfg.max_tokens_per_micro_batch,
         attention=cfg.attention,
         prefix_activations=cfg.prefix_activations,
     )
-    params = list(model.parameters())
-
-    def grads() -> list[torch.Tensor]:
-        out = [p.grad.detach().clone() for p in params]
-        model.zero_grad(set_to_none=True)
-        return out
+    dense_peak: dict[str, int | None] = {}
+    stats_holder = {}
 
     def run_dense() -> None:
-        dense_step(model, rows, starts, loss_fn, cfg.max_tokens_per_micro_batch)
-
-    stats_holder = {}
+        with phase_peak(device, dense_peak, "dense"):
+            dense_step(model, rows, starts, loss_fn, cfg.max_tokens_per_micro_batch, logits=cfg.dense_logits)
 
     def run_reuse() -> None:
         stats_holder["stats"] = forward_backward(model, rows, starts, uids, loss_fn, config)
@@ -134,13 +198,15 @@ def run_bench(cfg: BenchConfig, progress=None) -> BenchResult:
     # Warm-up (also the gradient comparison), then alternate timed repeats.
     model.zero_grad(set_to_none=True)
     run_dense()
-    dense_grads = grads()
+    dense_grads = _grads(model)
     run_reuse()
-    reuse_grads = grads()
+    reuse_grads = _grads(model)
     diff = max(
         ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
         for a, b in zip(reuse_grads, dense_grads, strict=True)
     )
+    del dense_grads, reuse_grads
+    idle = current_bytes(device)
     dense_times, reuse_times = [], []
     for r in range(cfg.repeats):
         dense_times.append(_timed(run_dense, device))
@@ -152,34 +218,130 @@ def run_bench(cfg: BenchConfig, progress=None) -> BenchResult:
     stats = stats_holder["stats"]
     dense_s, reuse_s = statistics.median(dense_times), statistics.median(reuse_times)
     speedup = dense_s / reuse_s
+    # The bound of this batch against this dense baseline (its lm_head positions).
+    bound = FlopModel.from_config(model.config).training_ratio(
+        [cfg.prefix_len] * cfg.groups,
+        [[cfg.suffix_len] * cfg.group_size] * cfg.groups,
+        recompute=cfg.prefix_activations == "recompute",
+        dense_lm_head_all=cfg.dense_logits == "all",
+    )
+    saving = None
+    phase_b, dense_max = stats.peak_memory_bytes.get("B"), dense_peak.get("dense")
+    if idle is not None and phase_b is not None and dense_max is not None and dense_max > idle:
+        saving = 1.0 - (phase_b - idle) / (dense_max - idle)
     return BenchResult(
         config=cfg,
         dense_seconds=dense_s,
         reuse_seconds=reuse_s,
         speedup=speedup,
-        flop_bound=stats.flop_bound,
-        efficiency=speedup / stats.flop_bound,
+        flop_bound=bound,
+        efficiency=speedup / bound,
         max_grad_rel_diff=diff,
         phase_seconds=dict(stats.seconds),
         phase_peak_memory_bytes=dict(stats.peak_memory_bytes),
+        dense_peak_memory_bytes=dense_max,
+        idle_memory_bytes=idle,
+        phase_B_memory_saving=saving,
+        capacity=measure_capacity(cfg, model) if cfg.capacity else None,
     )
 
 
+def step_memory(cfg: BenchConfig, model: torch.nn.Module, n_rows: int, reuse: bool) -> int | None:
+    """Peak bytes above idle of one training step over `n_rows` trajectories in one micro-batch."""
+    device = torch.device(cfg.device)
+    rows, starts, uids, advantages = synthetic_groups(cfg, model.config.vocab_size, math.ceil(n_rows / cfg.group_size))
+    rows, starts, uids = [r.to(device) for r in rows[:n_rows]], starts[:n_rows], uids[:n_rows]
+    loss_fn = policy_loss([a.to(device) for a in advantages[:n_rows]], sum(len(a) for a in advantages[:n_rows]))
+    model.zero_grad(set_to_none=True)
+    idle = current_bytes(device)
+    peak: dict[str, int | None] = {}
+    with phase_peak(device, peak, "step"):
+        if reuse:
+            config = PrefixReuseConfig(
+                max_tokens_per_micro_batch=None, attention=cfg.attention, prefix_activations=cfg.prefix_activations
+            )
+            forward_backward(model, rows, starts, uids, loss_fn, config)
+        else:
+            dense_step(model, rows, starts, loss_fn, None, logits=cfg.dense_logits)
+    model.zero_grad(set_to_none=True)
+    if idle is None or peak["step"] is None:
+        return None
+    return peak["step"] - idle
+
+
+def _most_rows(fits: Callable[[int], bool], limit: int) -> tuple[int, bool]:
+    """Largest n in [1, limit] with fits(n), assuming fits is monotone; (0, False) if none fits."""
+    lo, hi = 0, 1
+    while fits(hi):
+        lo = hi
+        if hi == limit:
+            return limit, True
+        hi = min(2 * hi, limit)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo, False
+
+
+def measure_capacity(cfg: BenchConfig, model: torch.nn.Module) -> Capacity | None:
+    """Capacity frontier at `cfg.memory_budget_gb` (default: dense's need for one group of G rows)."""
+    budget = int(cfg.memory_budget_gb * 2**30)
+    if budget <= 0:
+        budget = step_memory(cfg, model, cfg.group_size, reuse=False)
+        if budget is None:
+            return None
+    dense_rows, dense_capped = _most_rows(
+        lambda n: (step_memory(cfg, model, n, reuse=False) or 0) <= budget, cfg.max_capacity_rows
+    )
+    reuse_rows, reuse_capped = _most_rows(
+        lambda n: (step_memory(cfg, model, n, reuse=True) or 0) <= budget, cfg.max_capacity_rows
+    )
+    row_tokens = cfg.prefix_len + 1 + cfg.suffix_len - 1
+    return Capacity(
+        budget_bytes=budget,
+        dense_rows=dense_rows,
+        reuse_rows=reuse_rows,
+        dense_tokens=dense_rows * row_tokens,
+        reuse_tokens=reuse_rows * row_tokens,
+        ratio=reuse_rows / dense_rows if dense_rows else float("inf"),
+        capped=dense_capped or reuse_capped,
+    )
+
+
+def _mib(v: int | None) -> str:
+    return f"{v / 2**20:.0f} MiB" if v is not None else "n/a"
+
+
 def format_result(res: BenchResult) -> str:
+    """A point in full (the single-point screen output)."""
     c = res.config
-    mem = {k: (f"{v / 2**20:.0f} MiB" if v is not None else "n/a") for k, v in res.phase_peak_memory_bytes.items()}
+    model = (
+        f"tiny {c.family} hidden={c.hidden_size} layers={c.num_layers or TINY_LAYERS} vocab={c.vocab_size}"
+        if c.model == "tiny"
+        else f"{c.model} (random weights){f', {c.num_layers} layers' if c.num_layers else ''}"
+    )
+    mem = {k: _mib(v) for k, v in res.phase_peak_memory_bytes.items()}
     lines = [
-        f"model      {c.family} hidden={c.hidden_size} layers={c.num_layers} vocab={c.vocab_size} "
-        f"{c.dtype} on {c.device}",
+        f"model      {model}, {c.dtype} on {c.device}",
         f"batch      {c.groups} groups x G={c.group_size}, prefix P={c.prefix_len}, suffix S={c.suffix_len}, "
         f"budget {c.max_tokens_per_micro_batch} tokens/micro-batch",
-        f"reuse      attention={c.attention} prefix_activations={c.prefix_activations}",
+        f"reuse      attention={c.attention} prefix_activations={c.prefix_activations}; "
+        f"dense logits at {c.dense_logits} positions",
         f"grad diff  max relative |g_reuse - g_dense| = {res.max_grad_rel_diff:.2e}",
         f"dense      {res.dense_seconds * 1e3:9.1f} ms / step (median of {c.repeats})",
         f"reuse      {res.reuse_seconds * 1e3:9.1f} ms / step  "
         f"(A {res.phase_seconds['A'] * 1e3:.1f} / B {res.phase_seconds['B'] * 1e3:.1f} / "
         f"C {res.phase_seconds['C'] * 1e3:.1f} ms)",
-        f"peak mem   A {mem['A']} / B {mem['B']} / C {mem['C']}",
+        f"peak mem   dense {_mib(res.dense_peak_memory_bytes)}; reuse A {mem['A']} / B {mem['B']} / C {mem['C']} "
+        f"(idle {_mib(res.idle_memory_bytes)})",
         f"speedup    {res.speedup:.2f}x   FLOP bound {res.flop_bound:.2f}x   efficiency {res.efficiency:.2f}",
     ]
+    if res.capacity is not None:
+        cap = res.capacity
+        capped = " (capped)" if cap.capped else ""
+        lines.append(
+            f"capacity   at {_mib(cap.budget_bytes)} above idle: "
+            f"dense {cap.dense_rows} rows ({cap.dense_tokens} tokens), "
+            f"reuse {cap.reuse_rows} rows ({cap.reuse_tokens} tokens), {cap.ratio:.2f}x{capped}"
+        )
     return "\n".join(lines)

@@ -1,38 +1,115 @@
-"""`verl-prefix` command line."""
+"""`verl-prefix` command line: bench (sweeps), replay (N-step trace), compare (two verl runs)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 
-from .bench import BenchConfig, format_result, run_bench
+from .bench import BenchConfig, format_result
+from .sweep import SWEEP_FIELDS
 
 
-def _add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _add_dataclass_args(parser: argparse.ArgumentParser, cls, lists: tuple[str, ...] = ()) -> None:
+    """One --flag per field; fields in `lists` take comma-separated values (a sweep axis)."""
     for f in dataclasses.fields(cls):
-        parser.add_argument(
-            "--" + f.name.replace("_", "-"), type=type(f.default), default=f.default, help=f"(default: {f.default})"
-        )
+        kind = _parse_bool if isinstance(f.default, bool) else type(f.default)
+        flag = "--" + f.name.replace("_", "-")
+        if f.name in lists:
+            parser.add_argument(
+                flag,
+                type=lambda text, kind=kind: [kind(v) for v in text.split(",") if v],
+                default=[f.default],
+                help=f"comma-separated values to sweep (default: {f.default})",
+            )
+        else:
+            parser.add_argument(flag, type=kind, default=f.default, help=f"(default: {f.default})")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .sweep import format_table, grid, plot, run_sweep, write_json
+
+    scalars = {f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig) if f.name not in SWEEP_FIELDS}
+    base = BenchConfig(**scalars)
+    configs = grid(base, {name: getattr(args, name) for name in SWEEP_FIELDS})
+    results = run_sweep(configs, progress=not args.quiet)
+    if len(results) == 1:
+        print(format_result(results[0]), flush=True)
+        print()
+    print(format_table(results), flush=True)
+    if args.json:
+        write_json(results, args.json)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot(results, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from .replay import ReplayConfig, format_replay, generate_trace, load_trace, plot_replay, run_replay, save_trace
+
+    cfg = ReplayConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ReplayConfig)})
+    trace = load_trace(args.trace) if args.trace else generate_trace(cfg)
+    if args.save_trace:
+        save_trace(trace, args.save_trace)
+        print(f"wrote {args.save_trace}")
+    result = run_replay(trace, cfg, progress=not args.quiet)
+    print(format_replay(result), flush=True)
+    if args.json:
+        result.write_json(args.json)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_replay(result, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import compare
+    from .replay import ReplayConfig
+
+    parser = argparse.ArgumentParser(prog="verl-prefix", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    bench = sub.add_parser(
+        "bench",
+        help="dense vs shared-prefix training step on synthetic GRPO groups (a sweep with comma lists)",
+        description="Comma lists on --prefix-len, --suffix-len, --group-size, --attention and "
+        "--prefix-activations sweep their product.",
+    )
+    _add_dataclass_args(bench, BenchConfig, lists=SWEEP_FIELDS)
+    bench.add_argument("--json", metavar="FILE", help="write every point as JSON (schema verl-prefix/bench/1)")
+    bench.add_argument("--plot", metavar="FILE.png", help="write speedup/efficiency/memory/capacity panels")
+    bench.add_argument("--quiet", action="store_true", help="no progress bar")
+    bench.set_defaults(func=_bench)
+
+    replay = sub.add_parser(
+        "replay", help="train dense and reuse side by side over an N-step trace from the same initial weights"
+    )
+    _add_dataclass_args(replay, ReplayConfig)
+    replay.add_argument("--trace", metavar="FILE", help="replay a saved trace (default: generate one)")
+    replay.add_argument("--save-trace", metavar="FILE", help="write the (generated) trace")
+    replay.add_argument("--json", metavar="FILE", help="write per-step results as JSON")
+    replay.add_argument("--plot", metavar="FILE.png", help="write loss, gradient difference and drift curves")
+    replay.add_argument("--quiet", action="store_true", help="no progress bar")
+    replay.set_defaults(func=_replay)
+
+    compare.add_parser(sub)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="verl-prefix", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    bench = sub.add_parser("bench", help="dense vs shared-prefix training step on synthetic GRPO groups")
-    _add_dataclass_args(bench, BenchConfig)
-    bench.add_argument("--json", metavar="FILE", help="also write the result as JSON")
-    args = parser.parse_args(argv)
-
-    if args.command == "bench":
-        cfg = BenchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig)})
-        res = run_bench(cfg, progress=lambda i, n: print(f"  repeat {i}/{n}", file=sys.stderr, flush=True))
-        print(format_result(res), flush=True)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(res.as_dict(), f, indent=2)
-    return 0
+    args = build_parser().parse_args(argv)
+    return args.func(args)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+import json
+from importlib import resources
+
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    LlamaConfig,
+    PretrainedConfig,
+    Qwen2Config,
+    Qwen3Config,
+    Qwen3MoeConfig,
+)
 
 FAMILIES = ("qwen3", "llama", "qwen2", "qwen3_moe")
 
@@ -55,5 +66,25 @@ def random_model(
     kwargs = {"attn_implementation": "sdpa"}
     if getattr(config, "num_experts", None):
         kwargs["experts_implementation"] = "eager"
-    model = AutoModelForCausalLM.from_config(config, **kwargs)
+    # Built on the target device in the target dtype: an 8B shape never materialises in fp32 on CPU.
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
     return model.to(device=device, dtype=dtype).train()
+
+
+SHAPES = ("qwen3-8b", "llama3-8b", "qwen3-30b-a3b")
+
+
+def shaped_config(name: str, num_layers: int | None = None, min_positions: int = 0) -> PretrainedConfig:
+    """The decoder config of a real model shape shipped in `verl_prefix/model_shapes/` (no download).
+
+    `num_layers` cuts the depth (per-layer cost is unchanged, so ratios hold at lower memory);
+    `max_position_embeddings` is raised to at least `min_positions`.
+    """
+    if name not in SHAPES:
+        raise ValueError(f"model={name!r} is unknown; use 'tiny' or one of {SHAPES}.")
+    spec = json.loads(resources.files("verl_prefix.model_shapes").joinpath(f"{name}.json").read_text())
+    if num_layers:
+        spec["num_hidden_layers"] = num_layers
+    spec["max_position_embeddings"] = max(spec["max_position_embeddings"], min_positions)
+    return AutoConfig.for_model(**spec)

@@ -42,11 +42,12 @@ class FlopModel:
             per_pair=4.0 * layers * heads * head_dim,
         )
 
-    def dense_forward(self, lengths: Sequence[int]) -> float:
-        """Forward FLOPs of dense causal rows (lm_head over every token)."""
+    def dense_forward(self, lengths: Sequence[int], lm_head_tokens: int | None = None) -> float:
+        """Forward FLOPs of dense causal rows; the lm_head runs over `lm_head_tokens` (None: every token)."""
         tokens = sum(lengths)
         pairs = sum(n * (n + 1) / 2 for n in lengths)
-        return tokens * (self.per_token + self.per_token_lm_head) + pairs * self.per_pair
+        head = tokens if lm_head_tokens is None else lm_head_tokens
+        return tokens * self.per_token + head * self.per_token_lm_head + pairs * self.per_pair
 
     def prefix_forward(self, prefix_len: int, lm_head: bool = False) -> float:
         """Forward FLOPs of one prefix; the schedule skips its lm_head (its logits are never read)."""
@@ -64,15 +65,19 @@ class FlopModel:
         suffix_lens: Sequence[Sequence[int]],
         recompute: bool = False,
         prefix_lm_head: bool = False,
+        dense_lm_head_all: bool = True,
     ) -> float:
         """Dense/reuse training FLOPs; group i has prefix prefix_lens[i] and suffixes suffix_lens[i].
 
         `prefix_lm_head=True` charges the reuse side an lm_head over prefix tokens too (the
         conservative figures quoted in DESIGN.md); the schedule itself skips it.
+        `dense_lm_head_all=False` charges the dense side an lm_head over the suffix positions only
+        (a dense baseline that computes just the logits it reads).
         """
         dense = reuse = 0.0
         for p, suffixes in zip(prefix_lens, suffix_lens, strict=True):
-            dense += 3 * self.dense_forward([p + s for s in suffixes])
+            head = None if dense_lm_head_all else sum(suffixes)
+            dense += 3 * self.dense_forward([p + s for s in suffixes], head)
             reuse += 3 * (self.prefix_forward(p, prefix_lm_head) + sum(self.suffix_forward(p, s) for s in suffixes))
             if recompute:
                 reuse += self.prefix_forward(p)

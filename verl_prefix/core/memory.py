@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import ctypes
+import functools
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -11,7 +13,20 @@ _CLEAR_REFS = "/proc/self/clear_refs"
 _STATUS = "/proc/self/status"
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
 def _reset_cpu_peak() -> bool:
+    # Hand freed heap pages back first, so the reset peak starts from live memory, not from
+    # what the allocator kept after an earlier phase.
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
     try:
         with open(_CLEAR_REFS, "w") as f:
             f.write("5")  # resets VmHWM (peak RSS) to the current RSS
@@ -44,3 +59,13 @@ def phase_peak(device: torch.device, out: dict[str, int | None], phase: str) -> 
     can_measure = _reset_cpu_peak()
     yield
     out[phase] = _cpu_peak_bytes() if can_measure else None
+
+
+def current_bytes(device: torch.device) -> int | None:
+    """Memory in use now: CUDA allocated bytes, or the CPU resident set after trimming the heap."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.memory_allocated(device))
+    if not _reset_cpu_peak():
+        return None
+    return _cpu_peak_bytes()
