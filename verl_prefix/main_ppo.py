@@ -15,7 +15,9 @@ def main(config: DictConfig) -> None:
     from verl.trainer import main_ppo as verl_main_ppo
 
     from .backend import plugin  # noqa: F401  (trainer and engines registered in this process too)
+    from .backend.preflight import preflight
 
+    preflight(config)  # bad settings fail here, before Ray starts
     verl_main_ppo.main.__wrapped__(config)
 
 

@@ -22,7 +22,7 @@ from verl.utils.py_functional import append_to_dict
 from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead, FSDPEngineWithValueHead
 
 from ..core import ScheduleStats, compute_log_probs, compute_values, forward_backward
-from .batch import full_length_nested, schedule_rows
+from .batch import full_length_nested, prompt_lengths, schedule_rows
 from .config import PrefixReuseSettings
 
 logger = logging.getLogger(__name__)
@@ -38,6 +38,9 @@ def unsupported_reason(engine, data: TensorDict) -> str | None:
         return "padded input_ids (pad_mode != no_padding)"
     if "multi_modal_inputs" in data.keys() and extract_multi_modal_inputs(tu.get(data, "multi_modal_inputs")):
         return "multi-modal inputs"
+    prompts = prompt_lengths(data)
+    if bool((data["input_ids"].offsets().diff().to(prompts.device) <= prompts).any()) or bool((prompts < 1).any()):
+        return "rows with an empty prompt or response"
     for key in ("use_fused_kernels", "calculate_sum_pi_squared", "distillation_use_topk", "distillation_only"):
         if tu.get_non_tensor_data(data=data, key=key, default=False):
             return key
