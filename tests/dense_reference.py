@@ -99,3 +99,31 @@ def adamw_step(model: torch.nn.Module, grads: dict[str, torch.Tensor]) -> dict[s
         p.grad = grads[n].clone()
     torch.optim.AdamW(clone.parameters(), lr=1e-2, weight_decay=0.1).step()
     return {n: p.detach().clone() for n, p in clone.named_parameters()}
+
+
+def dense_moe_grads(
+    model: torch.nn.Module, batch: Batch, micro_batches: Sequence[Sequence[int]], coef: float
+) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """Dense training with the router aux loss: per micro-batch (rows with their full prompts, right
+    padded, attention_mask), loss_fn + coef * transformers' load_balancing_loss_func (the model's
+    own `aux_loss` output). Returns the gradients and each micro-batch's aux loss."""
+    model.zero_grad(set_to_none=True)
+    aux_values = []
+    for rows in micro_batches:
+        width = max(len(batch.input_ids[r]) for r in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for k, r in enumerate(rows):
+            ids[k, : len(batch.input_ids[r])] = batch.input_ids[r]
+            mask[k, : len(batch.input_ids[r])] = 1
+        out = model(input_ids=ids, attention_mask=mask, output_router_logits=True, use_cache=False)
+        log_probs = []
+        for k, r in enumerate(rows):
+            start, n = batch.response_start[r], len(batch.input_ids[r])
+            logits = out.logits[k, start - 1 : n - 1]
+            log_probs.append(torch.log_softmax(logits, dim=-1).gather(-1, batch.input_ids[r][start:, None])[:, 0])
+        aux_values.append(out.aux_loss.item())
+        (batch.loss_fn()(list(rows), log_probs) + coef * out.aux_loss).backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return grads, aux_values

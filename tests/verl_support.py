@@ -175,8 +175,9 @@ def init_process_group(rank: int = 0, world_size: int = 1, port: int | None = No
 VOCAB = 128
 
 
-def save_tiny_qwen3(path: str, seed: int = 0, value_model: bool = False) -> str:
-    """A tiny random Qwen3 (and a word-level tokenizer) saved like a hub checkpoint; no download."""
+def save_tiny_qwen3(path: str, seed: int = 0, value_model: bool = False, moe: bool = False) -> str:
+    """A tiny random Qwen3 (Qwen3-MoE with `moe`) and a word-level tokenizer, saved like a hub
+    checkpoint; no download."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, PreTrainedTokenizerFast, Qwen3Config
 
@@ -199,6 +200,16 @@ def save_tiny_qwen3(path: str, seed: int = 0, value_model: bool = False) -> str:
         eos_token_id=VOCAB - 2,
         bos_token_id=VOCAB - 2,
     )
+    if moe:
+        from transformers import Qwen3MoeConfig
+
+        config = Qwen3MoeConfig(
+            **{k: v for k, v in config.to_dict().items() if k in Qwen3MoeConfig().to_dict() and k != "model_type"},
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            decoder_sparse_step=1,
+        )
     torch.manual_seed(seed)
     if value_model:
         config.num_labels = 1
@@ -228,7 +239,7 @@ def build_worker(model_dir: str, reuse: bool, model_type: str = "language_model"
     from verl_prefix.backend.registry import install_engines
 
     install_engines()
-    settings = engine_kwargs.pop("prefix_reuse", {})
+    settings = dict(engine_kwargs.pop("prefix_reuse", {}))
     use_remove_padding = engine_kwargs.pop("use_remove_padding", True)
     model_config = HFModelConfig(
         path=model_dir,
@@ -240,7 +251,7 @@ def build_worker(model_dir: str, reuse: bool, model_type: str = "language_model"
     defaults = dict(strategy="fsdp2", use_torch_compile=False, mixed_precision=fp32, model_dtype="fp32")
     engine_config = FSDPEngineConfig(**{**defaults, **engine_kwargs})
     if reuse:
-        attach(engine_config, PrefixReuseSettings(enable=True, **settings))
+        attach(engine_config, PrefixReuseSettings(**{"enable": True, **settings}))
     os.environ["VERL_ENGINE_VENDOR"] = "nvidia" if reuse else "stock"
     try:
         worker = TrainingWorker(

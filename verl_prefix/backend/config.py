@@ -26,6 +26,14 @@ class PrefixReuseSettings(BaseConfig):
     verify_every: every k-th update also computes the dense gradient of the same mini-batch (no
         optimizer step from it) and reports `prefix_reuse/verify_max_grad_rel_diff` and
         `prefix_reuse/verify_speedup`; 0 = never.
+    router_aux_loss / router_aux_loss_coef: actor only (MoE). Add coef x transformers'
+        `load_balancing_loss_func` per micro-batch, prefix tokens counted once per trajectory (as in
+        `PrefixReuseConfig`); coef null = the model config's `router_aux_loss_coef`. Stock verl adds
+        none; with this on, this engine adds it on the reuse path and on its dense path
+        (enable=false, a fallback, verify_every) alike. The loss is per micro-batch and non-linear,
+        so the two paths agree exactly when their micro-batches hold the same rows (e.g. a
+        mini-batch that fits one micro-batch); verl's dense micro-batches are balanced by sequence
+        length, the schedule's pack suffixes in order. Metric `prefix_reuse/router_aux_loss`.
     """
 
     enable: bool = False
@@ -33,6 +41,8 @@ class PrefixReuseSettings(BaseConfig):
     prefix_activations: str = "keep"
     min_prefix_tokens: int = 1
     verify_every: int = 0
+    router_aux_loss: bool = False
+    router_aux_loss_coef: float | None = None
 
     def __post_init__(self) -> None:
         if self.verify_every < 0:
@@ -52,6 +62,8 @@ class PrefixReuseSettings(BaseConfig):
             attention=self.attention,
             prefix_activations=self.prefix_activations,
             min_prefix_tokens=self.min_prefix_tokens,
+            router_aux_loss=self.router_aux_loss,
+            router_aux_loss_coef=self.router_aux_loss_coef,
         )
 
 
@@ -65,8 +77,7 @@ def as_settings(value) -> PrefixReuseSettings:
     unknown = set(keys) - set(PrefixReuseSettings.__dataclass_fields__)
     if unknown:
         raise ValueError(
-            f"unknown prefix_reuse keys {sorted(unknown)}; known: enable, attention, "
-            "prefix_activations, min_prefix_tokens, verify_every."
+            f"unknown prefix_reuse keys {sorted(unknown)}; known: {sorted(PrefixReuseSettings.__dataclass_fields__)}."
         )
     return PrefixReuseSettings(**keys)
 

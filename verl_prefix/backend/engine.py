@@ -22,6 +22,7 @@ from verl.utils.py_functional import append_to_dict
 from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead, FSDPEngineWithValueHead
 
 from ..core import ScheduleStats, compute_log_probs, compute_values, forward_backward
+from ..core.moe import RouterSpec, load_balancing_loss, router_spec
 from .batch import full_length_nested, prompt_lengths, schedule_rows
 from .config import PrefixReuseSettings
 
@@ -86,11 +87,11 @@ class PrefixReuseEngineMixin:
     def forward_backward_batch(self, data: TensorDict, loss_function: Callable, forward_only: bool = False):
         settings = self.prefix_reuse
         if settings is None:
-            return super().forward_backward_batch(data, loss_function, forward_only)
+            return self._dense(data, loss_function, forward_only)
         reason = unsupported_reason(self, data)
         if reason is not None:
             self._warn_once(reason)
-            output = super().forward_backward_batch(data, loss_function, forward_only)
+            output = self._dense(data, loss_function, forward_only)
             output["metrics"][METRIC_PREFIX + "fallbacks"] = [1.0]
             return output
         if forward_only:
@@ -98,6 +99,52 @@ class PrefixReuseEngineMixin:
         return self._reuse_train(data, loss_function, settings)
 
     # -- helpers -------------------------------------------------------------------------------
+
+    def _dense(self, data: TensorDict, loss_function: Callable, forward_only: bool):
+        """verl's stock path, plus coef x the router aux loss per micro-batch when the settings ask for
+        it (transformers' `load_balancing_loss_func` over the micro-batch's real tokens)."""
+        settings = getattr(self.engine_config, "prefix_reuse", None)
+        if forward_only or loss_function is None or settings is None or not settings.router_aux_loss:
+            return super().forward_backward_batch(data, loss_function, forward_only)
+        spec = self._router_spec(settings)
+        if self.ulysses_sequence_parallel_size > 1:
+            raise ValueError("prefix_reuse.router_aux_loss=true needs ulysses_sequence_parallel_size=1.")
+        captured: list[torch.Tensor] = []
+        recording = [False]
+
+        def start(module, args, kwargs):  # a micro-batch forward begins (a checkpoint recompute does not)
+            captured.clear()
+            recording[0] = True
+
+        def record(module, args, output):
+            if recording[0]:
+                captured.append(output[0])  # router logits [packed or padded tokens, num_experts]
+
+        def with_aux(model_output, data, dp_group):
+            recording[0] = False
+            real = _real_tokens(data, captured[0].shape[0])  # drop verl's pad tokens (packed tail / right pad)
+            aux = load_balancing_loss([z[real] for z in captured], [], spec)
+            captured.clear()
+            loss, metrics = loss_function(model_output=model_output, data=data, dp_group=dp_group)
+            metrics = dict(metrics)
+            metrics[METRIC_PREFIX + "router_aux_loss"] = aux.item()
+            return loss + spec.coef * aux, metrics
+
+        routers = [m for m in self.module.modules() if type(m).__name__.endswith("TopKRouter")]
+        if not routers:
+            raise ValueError(f"prefix_reuse.router_aux_loss=true but {type(self.module).__name__} has no MoE router.")
+        handles = [self.module.register_forward_pre_hook(start, with_kwargs=True)]
+        handles += [r.register_forward_hook(record) for r in routers]
+        try:
+            return super().forward_backward_batch(data, with_aux, forward_only)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _router_spec(self, settings: PrefixReuseSettings) -> RouterSpec:
+        if self.readout != "log_probs":
+            raise ValueError("prefix_reuse.router_aux_loss=true is for the actor (causal LM); set it false here.")
+        return router_spec(self.module, settings.router_aux_loss_coef)
 
     def _warn_once(self, reason: str) -> None:
         warned = self.__dict__.setdefault("_prefix_reuse_warned", set())
@@ -186,6 +233,12 @@ class PrefixReuseEngineMixin:
         reuse_seconds = time.perf_counter() - start
         for key, value in stats_metrics(stats).items():
             metrics[key] = [value]
+        if stats.router_aux_losses is not None:
+            # per micro-batch, as the dense path reports it: its loss includes coef x aux, and the
+            # metric is the (unscaled) aux loss of each micro-batch
+            coef = self._router_spec(settings).coef
+            losses[:] = [loss + coef * aux for loss, aux in zip(losses, stats.router_aux_losses, strict=True)]
+            metrics[METRIC_PREFIX + "router_aux_loss"] = list(stats.router_aux_losses)
         calls = self.__dict__.get("_prefix_reuse_updates", 0) + 1
         self.__dict__["_prefix_reuse_updates"] = calls
         if settings.verify_every and calls % settings.verify_every == 0:
@@ -249,7 +302,7 @@ class PrefixReuseEngineMixin:
         for p in params:
             p.grad = None
         start = time.perf_counter()
-        super().forward_backward_batch(data, loss_function, False)
+        self._dense(data, loss_function, False)
         dense_seconds = time.perf_counter() - start
         diff = torch.zeros((), dtype=torch.float64, device=self._device())
         scale = torch.zeros_like(diff)
@@ -265,6 +318,18 @@ class PrefixReuseEngineMixin:
             METRIC_PREFIX + "verify_max_grad_rel_diff": [rel],
             METRIC_PREFIX + "verify_speedup": [dense_seconds / max(reuse_seconds, 1e-9)],
         }
+
+
+def _real_tokens(micro_batch: TensorDict, width: int) -> torch.Tensor:
+    """Bool [width]: which of the model's flattened token positions hold a real token, in verl's
+    layout: packed (remove padding) = the rows back to back, then any pad; else [rows, max_len],
+    right-padded."""
+    lengths = micro_batch["input_ids"].offsets().diff()
+    if tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True):
+        return torch.arange(width, device=lengths.device) < int(lengths.sum())
+    longest = int(lengths.max())
+    assert width == len(lengths) * longest, (width, lengths)
+    return (torch.arange(longest, device=lengths.device)[None] < lengths[:, None]).flatten()
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

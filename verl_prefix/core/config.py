@@ -27,6 +27,10 @@ class PrefixReuseConfig:
             "offload" its saved tensors to CPU, or "recompute" the prefix forward in Phase C.
         min_prefix_tokens: groups whose shared prefix is shorter than this run dense.
         temperature: logits are divided by it before log-softmax, as verl does.
+        router_aux_loss: MoE only. Add, per suffix micro-batch, coef x transformers'
+            `load_balancing_loss_func` of the dense micro-batch made of the same rows (prefix tokens
+            counted once per row: logical prefix-token accounting). Training only.
+        router_aux_loss_coef: the coefficient; None = the model config's `router_aux_loss_coef`.
     """
 
     max_tokens_per_micro_batch: int | None = 4096
@@ -34,6 +38,8 @@ class PrefixReuseConfig:
     prefix_activations: PrefixActivations = "keep"
     min_prefix_tokens: int = 1
     temperature: float = 1.0
+    router_aux_loss: bool = False
+    router_aux_loss_coef: float | None = None
 
     def validate(self) -> None:
         """Raise ValueError naming the field and the fix for any unsupported value."""
@@ -78,6 +84,10 @@ class ScheduleStats:
     flop_bound: float = 1.0
     seconds: dict[str, float] = field(default_factory=lambda: {"A": 0.0, "B": 0.0, "C": 0.0})
     peak_memory_bytes: dict[str, int | None] = field(default_factory=lambda: {"A": None, "B": None, "C": None})
+    # router load-balancing aux loss (unscaled by coef): sum over micro-batches, and per micro-batch
+    # in micro-batch order; None when PrefixReuseConfig.router_aux_loss is off
+    router_aux_loss: float | None = None
+    router_aux_losses: list[float] | None = None
 
     @property
     def total_seconds(self) -> float:

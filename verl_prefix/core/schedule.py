@@ -11,6 +11,7 @@ gradients equal dense training over every row.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Literal
@@ -35,6 +36,7 @@ from .attention import (
 from .config import PrefixReuseConfig, ScheduleStats
 from .flops import FlopModel
 from .memory import phase_peak
+from .moe import PrefixRouterLogits, RouterSpec, load_balancing_loss, router_spec
 from .plan import SchedulePlan, Segment, make_plan
 
 LossFn = Callable[..., torch.Tensor]
@@ -87,6 +89,17 @@ def forward_backward(
     rng_states: dict[int, tuple] = {}
     head_outputs: dict[int, torch.Tensor] = {}  # Phase-A head outputs, kept for hook-driven wrappers
     hooked = _backward_needs_output_hooks(model)
+    router: PrefixRouterLogits | None = None
+    spec: RouterSpec | None = None
+    if config.router_aux_loss:
+        if readout != "log_probs":
+            raise ValueError("PrefixReuseConfig.router_aux_loss is for causal LMs (readout='log_probs').")
+        spec, router = router_spec(model, config.router_aux_loss_coef), PrefixRouterLogits()
+        stats.router_aux_losses = []
+
+    prefix_forward = functools.partial(
+        _prefix_forward, model, plan, rows=rows, prefix_kv=prefix_kv, config=config, readout=readout, router=router
+    )
 
     with _prefix_attention(model):
         with _phase(stats, "A", device):
@@ -94,18 +107,19 @@ def forward_backward(
                 rng_states[c] = _rng_state(device)
                 if mode == "recompute":
                     with torch.no_grad():
-                        _prefix_forward(model, plan, c, rows, prefix_kv, config, readout, keep_graph=False)
+                        prefix_forward(c, keep_graph=False)
                 elif mode == "offload":
                     with torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda"):
-                        out = _prefix_forward(model, plan, c, rows, prefix_kv, config, readout, keep_graph=True)
+                        out = prefix_forward(c, keep_graph=True)
                 else:
-                    out = _prefix_forward(model, plan, c, rows, prefix_kv, config, readout, keep_graph=True)
+                    out = prefix_forward(c, keep_graph=True)
                 if hooked and mode != "recompute":
                     head_outputs[c] = out
 
         with _phase(stats, "B", device):
             refs = _prefix_refs(plan)
             for segments in plan.micro_batches:
+                suffix_router: list = []
                 indices, log_probs, entropies = _suffix_forward(
                     model,
                     plan,
@@ -118,18 +132,27 @@ def forward_backward(
                     row_temperature,
                     loss_entropy,
                     readout,
+                    router_out=suffix_router if router is not None else None,
                 )
                 loss = loss_fn(indices, log_probs, entropies) if loss_entropy else loss_fn(indices, log_probs)
+                if router is not None:
+                    # dense counts each prefix token once per row: weight a prefix by its rows here
+                    shared = [
+                        (router.of_prefix(refs[seg.group]), len(seg.rows)) for seg in segments if seg.group in refs
+                    ]
+                    aux = load_balancing_loss(suffix_router[0], shared, spec)
+                    stats.router_aux_losses.append(aux.item())
+                    loss = loss + spec.coef * aux
                 if loss.requires_grad:
                     loss.backward()
+            if router is not None:
+                stats.router_aux_loss = sum(stats.router_aux_losses)
 
         with _phase(stats, "C", device):
             for c in range(len(plan.prefix_chunks)):
                 if mode == "recompute":
                     with _restored_rng(device, rng_states[c]):
-                        out = _prefix_forward(
-                            model, plan, c, rows, prefix_kv, config, readout, keep_graph=True, make_leaves=False
-                        )
+                        out = prefix_forward(c, keep_graph=True, make_leaves=False)
                     if hooked:
                         head_outputs[c] = out
                 graph = prefix_kv.graph.pop(c)
@@ -140,6 +163,11 @@ def forward_backward(
                         if leaf.grad is not None and out.requires_grad:
                             outputs.append(out)
                             grads.append(leaf.grad)
+                if router is not None:  # the prefix router logits' share of every micro-batch's aux loss
+                    for graph_z, leaf_z in zip(router.graph.pop(c), router.leaves.pop(c), strict=True):
+                        if leaf_z.grad is not None and graph_z.requires_grad:
+                            outputs.append(graph_z)
+                            grads.append(leaf_z.grad)
                 if c in head_outputs:
                     # FSDP unshards a layer's parameters when gradient reaches that layer's *output*;
                     # the K/V seeds enter inside the layers, so also send zeros down from the head
@@ -234,8 +262,10 @@ def _prefix_forward(
     readout: Readout,
     keep_graph: bool,
     make_leaves: bool = True,
+    router: PrefixRouterLogits | None = None,
 ) -> torch.Tensor:
-    """Run one Phase-A chunk (packed prefixes, block-causal) and capture every layer's K/V.
+    """Run one Phase-A chunk (packed prefixes, block-causal) and capture every layer's K/V (and,
+    with `router`, every MoE layer's router logits).
 
     Returns the model's (head) output tensor, whose graph Phase C may need (see `_hooked_backward`).
     """
@@ -257,8 +287,12 @@ def _prefix_forward(
     )
     # No head over prefix tokens: their outputs are never read (a value head is one column: kept).
     head = {"logits_to_keep": torch.empty(0, dtype=torch.long, device=ids.device)} if readout == "log_probs" else {}
+    if router is not None:
+        head["output_router_logits"] = True
     with active_context(ctx):
         output = model(input_ids=ids[None], position_ids=positions[None], use_cache=False, **head)
+    if router is not None:
+        router.capture(chunk, output.router_logits, keep_graph, make_leaves)
     captured = (prefix_kv.graph if keep_graph else prefix_kv.leaves).get(chunk, [])
     _check_hooked(model, len(captured))
     return output.logits
@@ -276,9 +310,10 @@ def _suffix_forward(
     row_temperature: Sequence[float] | None,
     entropy: bool,
     readout: Readout = "log_probs",
+    router_out: list | None = None,
 ) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor] | None]:
     """Run one Phase-B micro-batch; return its row indices, per-response-token log-probs or values
-    (and entropies)."""
+    (and entropies). With `router_out`, append the micro-batch's per-layer router logits to it."""
     blocks, ids, positions, keep, labels, indices, counts = [], [], [], [], [], [], []
     offset = 0
     device = rows[0].device
@@ -302,7 +337,12 @@ def _suffix_forward(
         if readout == "values":
             values = model(**inputs).logits[0, keep_idx].squeeze(-1)
             return indices, list(values.split(counts)), None
-        logits = model(**inputs, logits_to_keep=keep_idx).logits[0]
+        if router_out is not None:
+            output = model(**inputs, logits_to_keep=keep_idx, output_router_logits=True)
+            router_out.append(output.router_logits)
+            logits = output.logits[0]
+        else:
+            logits = model(**inputs, logits_to_keep=keep_idx).logits[0]
     temperature: float | torch.Tensor = config.temperature
     if row_temperature is not None:
         temperature = torch.cat(
