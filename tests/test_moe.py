@@ -18,9 +18,9 @@ from verl_prefix.core.plan import make_plan
 
 COEF = 0.37
 TOL = 1e-10
-# group 0 (5 rows) spread over several micro-batches at budget 14, a group of one (a dense row),
-# micro-batches that mix groups
-GROUPS = [(5, 13, [3, 6, 2, 4, 5]), (1, 9, [4]), (3, 8, [2, 7, 3])]
+# at budget 14 the micro-batches are rows (0, 1, 2), (3, 4, 5), (6, 7), (8,): groups 0 (rows 0-4)
+# and 1 (rows 5-7) each span two micro-batches, one micro-batch mixes them, row 8 is a dense row
+GROUPS = [(5, 13, [3, 6, 2, 4, 5]), (3, 8, [2, 7, 3]), (1, 9, [4])]
 
 
 def partition(batch, budget):
@@ -44,10 +44,7 @@ def test_aux_loss_and_every_gradient_match_dense(mode, budget):
     batch = make_batch(GROUPS, seed=11)
     micro_batches = partition(batch, budget)
     if budget is not None:
-        spans = [sum(r in mb for mb in micro_batches for r in range(5)) for _ in [0]]
-        assert len(micro_batches) >= 3 and spans == [5]
-        assert len({mb_i for mb_i, mb in enumerate(micro_batches) for r in mb if r < 5}) >= 2  # group 0 is split
-        assert any(min(mb) < 5 <= max(mb) for mb in micro_batches)  # a micro-batch mixes groups
+        assert micro_batches == [[0, 1, 2], [3, 4, 5], [6, 7], [8]]
     ref, ref_aux = dense_moe_grads(model, batch, micro_batches, COEF)
 
     config = PrefixReuseConfig(
@@ -65,7 +62,8 @@ def test_aux_loss_and_every_gradient_match_dense(mode, budget):
     for name, g in ref.items():
         assert g.abs().max() > 0, name
         assert errs[name] <= TOL, (name, errs[name])
-    print(f"max aux rel err {aux_err:.2e}; max grad rel err {max(errs.values()):.2e} (gates {max(errs[n] for n in gates):.2e})")
+    gate_err = max(errs[n] for n in gates)
+    print(f"max aux rel err {aux_err:.2e}; max grad rel err {max(errs.values()):.2e} (gates {gate_err:.2e})")
 
 
 def test_aux_loss_is_in_the_gradient():
@@ -128,20 +126,68 @@ def vs(tmp_path_factory):
     return verl_support
 
 
+def _grads(worker, data, loss_fn):
+    """One forward_backward_batch (no optimizer step): full gradients and the output."""
+    from verl.utils import tensordict_utils as tu
+
+    engine = worker.engine
+    meta = dict(
+        use_remove_padding=worker.model_config.use_remove_padding,
+        use_dynamic_bsz=True,
+        max_token_len_per_gpu=worker.engine_config.max_token_len_per_gpu,
+    )
+    for key, val in meta.items():
+        tu.assign_non_tensor(data, **{key: val})
+    with engine.train_mode():
+        engine.optimizer_zero_grad()
+        output = engine.forward_backward_batch(data, loss_fn, forward_only=False)
+        grads = {n: p.grad.full_tensor().clone() for n, p in engine.module.named_parameters()}
+        engine.optimizer_zero_grad()
+    return grads, output
+
+
 @pytest.mark.parametrize("dense_remove_padding", [True, False])
 def test_verl_engine_reuse_matches_its_dense_path(vs, dense_remove_padding):
     from verl.utils import tensordict_utils as tu
     from verl.workers.config import FSDPActorConfig
     from verl.workers.utils.losses import ppo_loss
 
-    # one micro-batch per mini-batch on both paths: the per-micro-batch aux loss sees the same rows
+    # one micro-batch per mini-batch on both paths, so each path's aux loss sees the same rows
     engine = dict(use_dynamic_bsz=True, max_token_len_per_gpu=256, infer_max_token_len_per_gpu=256)
     aux = {"router_aux_loss": True, "router_aux_loss_coef": 0.5}
     dense = vs.build_worker(
-        vs.model_dir, reuse=True, prefix_reuse={"enable": False, **aux}, use_remove_padding=dense_remove_padding, **engine
+        vs.model_dir,
+        reuse=True,
+        prefix_reuse={"enable": False, **aux},
+        use_remove_padding=dense_remove_padding,
+        **engine,
     )
     reuse = vs.build_worker(vs.model_dir, reuse=True, prefix_reuse={"verify_every": 1, **aux}, **engine)
-    loss_fn = partial(ppo_loss, config=FSDPActorConfig(strategy="fsdp2", rollout_n=4, ppo_mini_batch_size=2))
+    loss_fn = partial(
+        ppo_loss, config=FSDPActorConfig(strategy="fsdp2", rollout_n=4, ppo_mini_batch_size=2, use_dynamic_bsz=True)
+    )
+
+    # gradients: every parameter, the routers' included
+    ref, ref_out = _grads(dense, vs.make_batch(VERL_GROUPS, seed=2), loss_fn)
+    grads, out = _grads(reuse, vs.make_batch(VERL_GROUPS, seed=2), loss_fn)
+    assert out["metrics"]["prefix_reuse/micro_batches"] == [1.0]
+    if dense_remove_padding:  # stock verl adds no aux loss: its router gradients differ
+        stock, _ = _grads(
+            vs.build_worker(vs.model_dir, reuse=False, **engine), vs.make_batch(VERL_GROUPS, seed=2), loss_fn
+        )
+        assert all(rel_err(ref[n], stock[n]) > 1e-2 for n in ref if n.endswith("mlp.gate.weight"))
+    errs = {n: rel_err(grads[n], g) for n, g in ref.items()}
+    assert max(errs.values()) <= 2e-5, max(errs.items(), key=lambda kv: kv[1])
+    aux_dense, aux_reuse = (
+        ref_out["metrics"]["prefix_reuse/router_aux_loss"],
+        out["metrics"]["prefix_reuse/router_aux_loss"],
+    )
+    assert len(aux_dense) == len(aux_reuse) == 1 and aux_dense[0] > 0.5
+    assert aux_reuse[0] == pytest.approx(aux_dense[0], rel=1e-6)
+    assert sum(out["loss"]) == pytest.approx(sum(ref_out["loss"]), rel=1e-5)  # coef x aux included on both
+    print(f"verl engine: max grad rel err {max(errs.values()):.2e}, aux {aux_reuse[0]:.6f} vs {aux_dense[0]:.6f}")
+
+    # one optimizer step through the worker's own train_mini_batch
     before = {n: p.full_tensor().detach().clone() for n, p in dense.engine.module.named_parameters()}
     metrics = {}
     for name, worker in (("dense", dense), ("reuse", reuse)):
@@ -152,13 +198,13 @@ def test_verl_engine_reuse_matches_its_dense_path(vs, dense_remove_padding):
         for name, w in (("dense", dense), ("reuse", reuse))
     }
     assert metrics["reuse"]["prefix_reuse/groups"] == [2.0] and "prefix_reuse/groups" not in metrics["dense"]
-    dense_aux, reuse_aux = metrics["dense"]["prefix_reuse/router_aux_loss"], metrics["reuse"]["prefix_reuse/router_aux_loss"]
-    assert dense_aux > 0.5 and reuse_aux == pytest.approx(dense_aux, rel=1e-6)
-    assert metrics["reuse"]["loss"] == pytest.approx(metrics["dense"]["loss"], rel=1e-5)
+    assert metrics["reuse"]["prefix_reuse/verify_max_grad_rel_diff"][0] <= 2e-5  # verify runs the dense path too
     assert metrics["reuse"]["grad_norm"] == pytest.approx(metrics["dense"]["grad_norm"], rel=1e-5)
-    assert metrics["reuse"]["prefix_reuse/verify_max_grad_rel_diff"][0] < 2e-5
+    lr = 1e-3
     for n, p0 in before.items():
         assert not torch.equal(after["dense"][n], p0), n
-        # AdamW's first step is ~lr * sign(g): compare where it moved, allowing fp32 rounding of tiny grads
         diff = (after["reuse"][n] - after["dense"][n]).abs()
-        assert diff.max() <= 2e-3 and diff.median() <= 1e-7, (n, diff.max().item())
+        # AdamW's first update is lr * g / (|g| + eps): where |g| is within fp32 rounding of zero it
+        # can flip by up to 2 lr; everywhere the gradient is clearly non-zero it must agree
+        clear = ref[n].abs() > 1e-3 * ref[n].abs().max()
+        assert diff[clear].max() <= 1e-6 and diff.max() <= 2 * lr, n

@@ -45,6 +45,10 @@ class SchedulePlan:
                 offset += self.groups[g].prefix_len
         return refs
 
+    def micro_batch_rows(self) -> list[tuple[int, ...]]:
+        """Rows of each Phase-B micro-batch, in order (the partition a per-micro-batch loss sees)."""
+        return [tuple(r for seg in mb for r in seg.rows) for mb in self.micro_batches]
+
 
 def common_prefix_len(rows: Sequence[torch.Tensor]) -> int:
     """Length of the longest common token prefix of 1-D tensors."""
