@@ -22,6 +22,7 @@ from verl.utils.py_functional import append_to_dict
 from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead, FSDPEngineWithValueHead
 
 from ..core import ScheduleStats, compute_log_probs, compute_values, forward_backward
+from ..core.memory import lifetime_peak_bytes
 from ..core.moe import RouterSpec, load_balancing_loss, router_spec
 from .batch import full_length_nested, prompt_lengths, schedule_rows
 from .config import PrefixReuseSettings
@@ -48,8 +49,8 @@ def unsupported_reason(engine, data: TensorDict) -> str | None:
     return None
 
 
-def stats_metrics(stats: ScheduleStats) -> dict[str, float]:
-    """Flat `prefix_reuse/*` metrics of one schedule call."""
+def stats_metrics(stats: ScheduleStats, lifetime: int | None = None) -> dict[str, float]:
+    """Flat `prefix_reuse/*` metrics of one schedule call (`lifetime`: the process's peak bytes)."""
     out = {
         "groups": stats.groups,
         "rows": stats.rows,
@@ -66,6 +67,10 @@ def stats_metrics(stats: ScheduleStats) -> dict[str, float]:
     for phase, peak in stats.peak_memory_bytes.items():
         if peak is not None:
             out[f"phase_{phase}_peak_memory_gb"] = peak / 2**30
+    if lifetime is not None:
+        # the schedule resets CUDA's peak per phase, so verl's perf/max_memory_allocated_gb no
+        # longer spans the run; this one does ("max" in the name: verl aggregates it by max)
+        out["max_memory_allocated_gb"] = lifetime / 2**30
     return {METRIC_PREFIX + k: float(v) for k, v in out.items()}
 
 
@@ -231,7 +236,7 @@ class PrefixReuseEngineMixin:
             **kwargs,
         )
         reuse_seconds = time.perf_counter() - start
-        for key, value in stats_metrics(stats).items():
+        for key, value in stats_metrics(stats, lifetime_peak_bytes(self._device())).items():
             metrics[key] = [value]
         if stats.router_aux_losses is not None:
             # per micro-batch, as the dense path reports it: its loss includes coef x aux, and the

@@ -46,15 +46,34 @@ def _cpu_peak_bytes() -> int | None:
     return None
 
 
+# Per CUDA device: the process-lifetime peak that per-phase resets hide from
+# torch.cuda.max_memory_allocated (which trainers such as verl report as the run's peak).
+_LIFETIME_PEAK: dict[int, int] = {}
+
+
+def lifetime_peak_bytes(device: torch.device) -> int | None:
+    """CUDA peak allocated bytes since the process started, across this module's resets."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return max(_LIFETIME_PEAK.get(index, 0), int(torch.cuda.max_memory_allocated(device)))
+
+
 @contextlib.contextmanager
 def phase_peak(device: torch.device, out: dict[str, int | None], phase: str) -> Iterator[None]:
-    """Record the peak memory of the enclosed block into out[phase] (bytes, or None)."""
+    """Record the peak memory of the enclosed block into out[phase] (bytes, or None).
+
+    On CUDA this resets the allocator's peak; `lifetime_peak_bytes` keeps the lifetime one.
+    """
     if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
         torch.cuda.synchronize(device)
+        _LIFETIME_PEAK[index] = lifetime_peak_bytes(device)
         torch.cuda.reset_peak_memory_stats(device)
         yield
         torch.cuda.synchronize(device)
         out[phase] = int(torch.cuda.max_memory_allocated(device))
+        _LIFETIME_PEAK[index] = max(_LIFETIME_PEAK[index], out[phase])
         return
     can_measure = _reset_cpu_peak()
     yield
