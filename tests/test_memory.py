@@ -1,14 +1,17 @@
 """Per-phase CUDA peaks and the lifetime peak they would hide.
 
 Mocked: torch.cuda's allocator statistics (no GPU on CI machines). The fake keeps a current and a
-peak counter with CUDA's reset semantics; everything else is the real `phase_peak`.
+peak counter with CUDA's reset semantics; everything else is the real `phase_peak`. The
+stride-keeping copy used by `prefix_activations=offload` runs for real, CPU to CPU.
 """
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from verl_prefix.core import memory
+from verl_prefix.core.memory import copy_keeping_strides
 
 
 class FakeAllocator:
@@ -51,3 +54,22 @@ def test_phase_peaks_reset_and_lifetime_peak_survives(monkeypatch):
     fake.alloc(200)  # after the schedule (an optimizer step, say)
     assert memory.lifetime_peak_bytes(cuda) == 240  # 40 live + 200
     assert memory.lifetime_peak_bytes(torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.randn(2, 5, 3, 4).transpose(1, 2),  # [B, L, H, D] read as [B, H, L, D]
+        lambda: torch.randn(6, 10)[1:5, 2:9],  # slice with a storage offset
+        lambda: torch.randn(4, 1, 3).expand(4, 5, 3),  # overlapping: comes back contiguous
+        lambda: torch.randn(0, 3),
+        lambda: torch.randn(7),
+    ],
+)
+def test_copy_keeping_strides(make) -> None:
+    t = make()
+    out = copy_keeping_strides(t, "cpu")
+    assert t.numel() == 0 or out.data_ptr() != t.data_ptr()
+    torch.testing.assert_close(out, t, rtol=0, atol=0)
+    overlapping = any(st == 0 for sz, st in zip(t.size(), t.stride(), strict=True) if sz > 1)
+    assert out.stride() == (out.contiguous().stride() if overlapping else t.stride())

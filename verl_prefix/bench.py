@@ -255,18 +255,28 @@ def step_memory(cfg: BenchConfig, model: torch.nn.Module, n_rows: int, reuse: bo
     model.zero_grad(set_to_none=True)
     idle = current_bytes(device)
     peak: dict[str, int | None] = {}
-    with phase_peak(device, peak, "step"):
-        if reuse:
-            config = PrefixReuseConfig(
-                max_tokens_per_micro_batch=None, attention=cfg.attention, prefix_activations=cfg.prefix_activations
-            )
-            forward_backward(model, rows, starts, uids, loss_fn, config)
-        else:
-            dense_step(model, rows, starts, loss_fn, None, logits=cfg.dense_logits)
+    try:
+        with phase_peak(device, peak, "step"):
+            _one_step(cfg, model, rows, starts, uids, loss_fn, reuse)
+    except torch.OutOfMemoryError:  # does not fit: larger than any budget
+        model.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        return 2**62
     model.zero_grad(set_to_none=True)
     if idle is None or peak["step"] is None:
         return None
     return peak["step"] - idle
+
+
+def _one_step(cfg: BenchConfig, model, rows, starts, uids, loss_fn, reuse: bool) -> None:
+    """One training step over all rows in one micro-batch (reuse: one prefix chunk, one suffix batch)."""
+    if reuse:
+        config = PrefixReuseConfig(
+            max_tokens_per_micro_batch=None, attention=cfg.attention, prefix_activations=cfg.prefix_activations
+        )
+        forward_backward(model, rows, starts, uids, loss_fn, config)
+    else:
+        dense_step(model, rows, starts, loss_fn, None, logits=cfg.dense_logits)
 
 
 def _most_rows(fits: Callable[[int], bool], limit: int) -> tuple[int, bool]:

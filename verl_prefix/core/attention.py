@@ -187,7 +187,10 @@ def _batched_causal(q, k, v, start: int, rows: int, n: int, scaling: float, drop
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    # dynamic=None: after a second shape the kernel is recompiled with symbolic sizes and then
+    # reused. Every micro-batch has its own length, and a static compile per shape would hit
+    # dynamo's recompile limit and fall back to unfused flex (full score matrix in memory).
+    return torch.compile(flex_attention, dynamic=None)
 
 
 def _flex_layout(ctx: AttentionContext, device: torch.device):
@@ -355,7 +358,11 @@ def prefix_attention(
             ctx.prefix_kv.leaves.setdefault(ctx.chunk, []).append(leaves)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    out = _BACKENDS[ctx.backend](ctx, layer, query, key, value, scaling, dropout)
+    backend = ctx.backend
+    if backend == "flex" and (ctx.mode == "capture" or all(b.prefix is None for b in ctx.blocks)):
+        # nothing to read from a prefix: plain (batched) causal attention, SDPA's flash kernel
+        backend = "sdpa"
+    out = _BACKENDS[backend](ctx, layer, query, key, value, scaling, dropout)
     return out.transpose(1, 2).contiguous(), None
 
 

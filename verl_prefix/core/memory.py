@@ -88,3 +88,55 @@ def current_bytes(device: torch.device) -> int | None:
     if not _reset_cpu_peak():
         return None
     return _cpu_peak_bytes()
+
+
+def _non_overlapping(t: torch.Tensor) -> bool:
+    """True when no two indices of `t` address the same element (views and slices included)."""
+    dims = sorted((st, sz) for sz, st in zip(t.size(), t.stride(), strict=True) if sz > 1)
+    reach = 1  # elements spanned by the dims seen so far, in units of the next dim's stride
+    for stride, size in dims:
+        if stride < reach:
+            return False
+        reach = stride * size
+    return True
+
+
+def copy_keeping_strides(
+    t: torch.Tensor, device: torch.device | str, pin_memory: bool = False, non_blocking: bool = False
+) -> torch.Tensor:
+    """Copy of `t` on `device` with the same sizes and strides (storage offset dropped).
+
+    Non-overlapping layouts (transposes, slices) keep their strides, at the cost of the slack between
+    a slice's elements; overlapping ones (expanded dims) come back contiguous.
+    """
+    if t.numel() and _non_overlapping(t):
+        span = 1 + sum((sz - 1) * st for sz, st in zip(t.size(), t.stride(), strict=True))
+        storage = torch.empty(span, dtype=t.dtype, device=device, pin_memory=pin_memory)
+        out = storage.as_strided(t.size(), t.stride())
+    else:
+        out = torch.empty(t.size(), dtype=t.dtype, device=device, pin_memory=pin_memory)
+    out.copy_(t, non_blocking=non_blocking)
+    return out
+
+
+@contextlib.contextmanager
+def saved_tensors_on_cpu(pin_memory: bool) -> Iterator[None]:
+    """Like torch.autograd.graph.save_on_cpu, but a saved tensor comes back with its strides.
+
+    Compiled backward kernels (FlexAttention's, any torch.compile'd region) assert the strides of
+    their saved inputs; save_on_cpu returns contiguous copies, which they reject.
+    """
+
+    def pack(t: torch.Tensor) -> tuple[torch.device | None, torch.Tensor]:
+        if t.device.type == "cpu":
+            return None, t
+        return t.device, copy_keeping_strides(t, "cpu", pin_memory=pin_memory)
+
+    def unpack(packed: tuple[torch.device | None, torch.Tensor]) -> torch.Tensor:
+        device, cpu = packed
+        if device is None:
+            return cpu
+        return copy_keeping_strides(cpu, device, non_blocking=cpu.is_pinned())
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield

@@ -35,7 +35,7 @@ from .attention import (
 )
 from .config import PrefixReuseConfig, ScheduleStats
 from .flops import FlopModel
-from .memory import phase_peak
+from .memory import phase_peak, saved_tensors_on_cpu
 from .moe import PrefixRouterLogits, RouterSpec, load_balancing_loss, router_spec
 from .plan import SchedulePlan, Segment, make_plan
 
@@ -109,7 +109,7 @@ def forward_backward(
                     with torch.no_grad():
                         prefix_forward(c, keep_graph=False)
                 elif mode == "offload":
-                    with torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda"):
+                    with saved_tensors_on_cpu(pin_memory=device.type == "cuda"):
                         out = prefix_forward(c, keep_graph=True)
                 else:
                     out = prefix_forward(c, keep_graph=True)
