@@ -117,3 +117,20 @@ def test_shipped_shapes_build_without_download(name):
     assert config.hidden_size >= 2048 and config.vocab_size > 100000
     with pytest.raises(ValueError, match="model='nope' is unknown"):
         shaped_config("nope")
+
+
+@pytest.mark.parametrize(
+    "flags,named",
+    [
+        (["--attention", "sdpa,flex"], "--attention=flex"),  # flex cannot train on CPU
+        (["--attention", "eager"], "--attention=eager"),
+        (["--prefix-activations", "swap"], "--prefix-activations=swap"),
+        (["--dense-logits", "none"], "--dense-logits='none'"),
+        (["--model", "qwen9"], "--model='qwen9'"),
+    ],
+)
+def test_cli_bench_rejects_a_bad_point_before_running_any(flags, named, capsys):
+    assert main(["bench", *flags, "--quiet"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing measured
+    assert captured.err.startswith("verl-prefix bench: error:") and named in captured.err

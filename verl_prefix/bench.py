@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .core import PrefixReuseConfig, forward_backward, token_log_probs
+from .core.attention import check_backend
 from .core.flops import FlopModel
 from .core.memory import current_bytes, phase_peak
 from .random_models import SHAPES, model_config, random_model, shaped_config
@@ -49,6 +50,29 @@ class BenchConfig:
     capacity: bool = False  # also search the most trajectories one step holds (dense vs reuse)
     memory_budget_gb: float = 0.0  # capacity budget above idle memory; 0 = dense's need for one group
     max_capacity_rows: int = 256  # the capacity search stops here
+
+    def check(self) -> None:
+        """Raise ValueError naming the flag and the fix before any point runs."""
+        if self.dense_logits not in ("all", "response"):
+            raise ValueError(f"--dense-logits={self.dense_logits!r}: use 'all' (as verl computes) or 'response'.")
+        if self.dtype not in ("float32", "float64", "bfloat16", "float16"):
+            raise ValueError(f"--dtype={self.dtype!r}: use float32, float64, bfloat16 or float16.")
+        if min(self.prefix_len, self.suffix_len, self.group_size, self.groups, self.repeats) < 1:
+            raise ValueError("--prefix-len, --suffix-len, --group-size, --groups and --repeats must be >= 1.")
+        if self.model != "tiny" and self.model not in SHAPES:
+            raise ValueError(f"--model={self.model!r}: use 'tiny' or one of {sorted(SHAPES)}.")
+        try:  # the schedule's own checks, with its messages
+            PrefixReuseConfig(
+                max_tokens_per_micro_batch=self.max_tokens_per_micro_batch,
+                attention=self.attention,  # type: ignore[arg-type]
+                prefix_activations=self.prefix_activations,  # type: ignore[arg-type]
+            ).validate()
+            check_backend(self.attention, torch.device(self.device), needs_grad=True)
+        except ValueError as e:
+            point = (
+                f"--attention={self.attention} --prefix-activations={self.prefix_activations} --device={self.device}"
+            )
+            raise ValueError(f"{point}: {e}") from None
 
 
 @dataclass

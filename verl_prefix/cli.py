@@ -40,6 +40,12 @@ def _bench(args: argparse.Namespace) -> int:
     scalars = {f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig) if f.name not in SWEEP_FIELDS}
     base = BenchConfig(**scalars)
     configs = grid(base, {name: getattr(args, name) for name in SWEEP_FIELDS})
+    try:  # every point, before the first one spends minutes
+        for cfg in configs:
+            cfg.check()
+    except ValueError as e:
+        print(f"verl-prefix bench: error: {e}", file=sys.stderr)
+        return 2
     results = run_sweep(configs, progress=not args.quiet)
     if len(results) == 1:
         print(format_result(results[0]), flush=True)
