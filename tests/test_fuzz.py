@@ -110,9 +110,11 @@ def budget_for(structure: Structure, batch: Batch) -> int | None:
 
 
 def grad_err(grad: torch.Tensor, ref: torch.Tensor, scale: float) -> float:
-    """max|grad - ref| / max|ref|, with max|ref| floored at 1e-6 of the largest gradient: a weight
-    whose exact gradient is zero (a one-token prompt's q_proj) carries ~1e-19 rounding in both runs."""
-    return (grad - ref).abs().max().item() / max(ref.abs().max().item(), 1e-6 * scale)
+    """max|grad - ref| / max|ref|, with max|ref| floored at 1e-4 of the largest gradient: a weight
+    whose exact gradient is zero (a one-token prompt's q_proj) carries rounding of up to ~1e-16 of
+    the largest gradient in both runs (seen with Qwen3-MoE), so such weights are held to an absolute
+    1e-14 of it."""
+    return (grad - ref).abs().max().item() / max(ref.abs().max().item(), 1e-4 * scale)
 
 
 @given(structures())

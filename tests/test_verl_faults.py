@@ -83,3 +83,34 @@ def test_checkpoint_save_and_resume_matches_reuse_off(tmp_path):
         # test_actor_update_matches_stock); every other entry must agree to rounding.
         assert diff.max() <= 2 * 2e-3, name
         assert (diff <= 1e-5).float().mean() >= 0.99, name
+
+
+def test_unsupported_settings_name_their_reason(tmp_path, monkeypatch):
+    """The dense-fallback triggers that cannot run end to end here (Ulysses SP needs more ranks than
+    a CPU test has; verl builds padded batches only with pad_mode != no_padding): the check on the
+    real engine and real batch names each one, and a clean batch passes."""
+    from verl_prefix.backend.engine import unsupported_reason
+
+    reuse = vs.build_worker(vs.save_tiny_qwen3(str(tmp_path / "actor")), reuse=True, **engine_kwargs(True))
+    data = vs.rows_tensordict(*_clean_rows(), {})
+    assert unsupported_reason(reuse.engine, data) is None
+    monkeypatch.setattr(reuse.engine, "ulysses_sequence_parallel_size", 2)
+    assert unsupported_reason(reuse.engine, data) == "ulysses_sequence_parallel_size > 1"
+    monkeypatch.undo()
+    padded = data.clone()
+    padded["input_ids"] = data["input_ids"].to_padded_tensor(0)
+    assert unsupported_reason(reuse.engine, padded) == "padded input_ids (pad_mode != no_padding)"
+    tu.assign_non_tensor(data, use_fused_kernels=True)
+    assert unsupported_reason(reuse.engine, data) == "use_fused_kernels"
+
+
+def _clean_rows():
+    gen = torch.Generator().manual_seed(1)
+    prompts, responses, uids = [], [], []
+    for g, (prompt_len, lengths) in enumerate(GROUPS):
+        prompt = torch.randint(0, vs.VOCAB - 3, (prompt_len,), generator=gen)
+        for n in lengths:
+            prompts.append(prompt)
+            responses.append(torch.randint(0, vs.VOCAB - 3, (n,), generator=gen))
+            uids.append(f"uid-{g}")
+    return prompts, responses, uids
