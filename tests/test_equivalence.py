@@ -7,7 +7,7 @@ import torch
 from dense_reference import adamw_step, dense_grads, make_batch, rel_err
 from tiny_models import CONFIGS, build
 
-from verl_prefix.core import PrefixReuseConfig, compute_log_probs, forward_backward
+from verl_prefix.core import PrefixReuseConfig, attention, compute_log_probs, forward_backward
 
 # name -> (make_batch kwargs, max_tokens_per_micro_batch)
 CASES = {
@@ -208,3 +208,23 @@ def test_entropy_bonus_gradient_matches_dense():
     )
     for n, p in model.named_parameters():
         assert rel_err(p.grad, ref[n]) <= FP64_TOL, n
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "llama"])
+def test_lower_right_causal_bias_path(kind, monkeypatch):
+    """On CUDA in bf16/fp16 each row's mask is PyTorch's bottom-right causal bias, so the flash kernel
+    runs. Forced here on CPU, where the bias goes through PyTorch's own (materialising) fallback:
+    the same schedule code path, exact against dense in fp64. The flash kernel itself: tests/test_gpu.py."""
+    calls = []
+
+    def take(*args):
+        calls.append(args)
+        return True
+
+    monkeypatch.setattr(attention, "_flash_takes_lower_right", take)
+    spec, budget = CASES["group_sizes_1_to_8"]
+    batch = make_batch(**spec, seed=4)
+    _assert_equivalent(
+        build(kind, torch.float64), batch, PrefixReuseConfig(max_tokens_per_micro_batch=budget), FP64_TOL
+    )
+    assert calls  # the bias path ran

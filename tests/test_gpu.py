@@ -79,3 +79,14 @@ def test_bf16_close_to_dense(attention):
     median = sorted(errs.values())[len(errs) // 2]
     print(f"bf16 {attention}: max grad rel err {max(errs.values()):.2e}, median {median:.2e}")
     assert max(errs.values()) < 5e-2
+
+
+def test_bf16_prefix_rows_take_the_flash_kernel():
+    """A suffix row over [prefix ; own] keys (GQA, bf16) qualifies for flash with the bottom-right
+    causal bias, so the sdpa path needs no mask tensor."""
+    from verl_prefix.core import attention
+
+    q = torch.randn(1, 8, 5, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 2, 37, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    assert attention._flash_takes_lower_right(q, k, v, 0.0)
+    assert not attention._flash_takes_lower_right(q.float(), k.float(), v.float(), 0.0)  # fp32: boolean mask

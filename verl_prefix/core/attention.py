@@ -19,6 +19,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 ATTENTION_NAME = "verl_prefix"
 
@@ -106,6 +107,16 @@ def _row_mask(prefix_len: int, n: int, device: torch.device) -> torch.Tensor:
     return torch.cat([torch.ones(n, prefix_len, dtype=torch.bool, device=device), own], dim=1)
 
 
+def _flash_takes_lower_right(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> bool:
+    """Whether PyTorch's flash kernel runs this row: then its own bottom-right causal mask is the
+    row mask, and no mask tensor (which rules flash out) is needed. CUDA only."""
+    if not q.is_cuda:
+        return False
+    from torch.backends.cuda import SDPAParams, can_use_flash_attention
+
+    return can_use_flash_attention(SDPAParams(q, k, v, None, dropout, False, q.shape[1] != k.shape[1]))
+
+
 def _prefix_for_block(ctx: AttentionContext, block: Block, layer: int):
     if block.prefix is None or ctx.mode == "capture":
         return None, None
@@ -139,17 +150,19 @@ def _sdpa(ctx: AttentionContext, layer: int, q, k, v, scaling: float, dropout: f
         p = 0 if kp is None else kp.shape[2]
         qs = block.q_start
         for n in block.row_lengths:
-            kr, vr = k[:, :, qs : qs + n], v[:, :, qs : qs + n]
+            qr, kr, vr = q[:, :, qs : qs + n], k[:, :, qs : qs + n], v[:, :, qs : qs + n]
             mask = None
             if kp is not None:
                 kr, vr = torch.cat([kp, kr], dim=2), torch.cat([vp, vr], dim=2)
-                if n > 1:  # a single query sees every key
+                if n > 1 and _flash_takes_lower_right(qr, kr, vr, dropout):
+                    mask = causal_lower_right(n, p + n)  # dispatches to flash with is_causal (bottom-right)
+                elif n > 1:  # a single query sees every key
                     if (p, n) not in masks:
                         masks[(p, n)] = _row_mask(p, n, q.device)
                     mask = masks[(p, n)]
             outs.append(
                 F.scaled_dot_product_attention(
-                    q[:, :, qs : qs + n],
+                    qr,
                     kr,
                     vr,
                     attn_mask=mask,
