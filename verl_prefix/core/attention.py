@@ -132,6 +132,7 @@ def _sdpa(ctx: AttentionContext, layer: int, q, k, v, scaling: float, dropout: f
     """
     masks = ctx._cache.setdefault("sdpa_row_masks", {})
     gqa = q.shape[1] != k.shape[1]
+    lower_right: bool | None = None
     outs = []
     blocks, i = ctx.blocks, 0
     while i < len(blocks):
@@ -154,7 +155,9 @@ def _sdpa(ctx: AttentionContext, layer: int, q, k, v, scaling: float, dropout: f
             mask = None
             if kp is not None:
                 kr, vr = torch.cat([kp, kr], dim=2), torch.cat([vp, vr], dim=2)
-                if n > 1 and _flash_takes_lower_right(qr, kr, vr, dropout):
+                if lower_right is None:  # same dtype, heads and head_dim for every row of the call
+                    lower_right = _flash_takes_lower_right(qr, kr, vr, dropout)
+                if n > 1 and lower_right:
                     mask = causal_lower_right(n, p + n)  # dispatches to flash with is_causal (bottom-right)
                 elif n > 1:  # a single query sees every key
                     if (p, n) not in masks:
