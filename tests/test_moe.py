@@ -126,28 +126,9 @@ def vs(tmp_path_factory):
     return verl_support
 
 
-def _grads(worker, data, loss_fn):
-    """One forward_backward_batch (no optimizer step): full gradients and the output."""
-    from verl.utils import tensordict_utils as tu
-
-    engine = worker.engine
-    meta = dict(
-        use_remove_padding=worker.model_config.use_remove_padding,
-        use_dynamic_bsz=True,
-        max_token_len_per_gpu=worker.engine_config.max_token_len_per_gpu,
-    )
-    for key, val in meta.items():
-        tu.assign_non_tensor(data, **{key: val})
-    with engine.train_mode():
-        engine.optimizer_zero_grad()
-        output = engine.forward_backward_batch(data, loss_fn, forward_only=False)
-        grads = {n: p.grad.full_tensor().clone() for n, p in engine.module.named_parameters()}
-        engine.optimizer_zero_grad()
-    return grads, output
-
-
 @pytest.mark.parametrize("dense_remove_padding", [True, False])
 def test_verl_engine_reuse_matches_its_dense_path(vs, dense_remove_padding):
+    from test_verl_engine import grads_of, params_of  # after the fixture set up verl's CPU platform
     from verl.utils import tensordict_utils as tu
     from verl.workers.config import FSDPActorConfig
     from verl.workers.utils.losses import ppo_loss
@@ -168,11 +149,11 @@ def test_verl_engine_reuse_matches_its_dense_path(vs, dense_remove_padding):
     )
 
     # gradients: every parameter, the routers' included
-    ref, ref_out = _grads(dense, vs.make_batch(VERL_GROUPS, seed=2), loss_fn)
-    grads, out = _grads(reuse, vs.make_batch(VERL_GROUPS, seed=2), loss_fn)
+    ref, ref_out = grads_of(dense, vs.make_batch(VERL_GROUPS, seed=2), loss_fn)
+    grads, out = grads_of(reuse, vs.make_batch(VERL_GROUPS, seed=2), loss_fn)
     assert out["metrics"]["prefix_reuse/micro_batches"] == [1.0]
     if dense_remove_padding:  # stock verl adds no aux loss: its router gradients differ
-        stock, _ = _grads(
+        stock, _ = grads_of(
             vs.build_worker(vs.model_dir, reuse=False, **engine), vs.make_batch(VERL_GROUPS, seed=2), loss_fn
         )
         assert all(rel_err(ref[n], stock[n]) > 1e-2 for n in ref if n.endswith("mlp.gate.weight"))
@@ -188,7 +169,7 @@ def test_verl_engine_reuse_matches_its_dense_path(vs, dense_remove_padding):
     print(f"verl engine: max grad rel err {max(errs.values()):.2e}, aux {aux_reuse[0]:.6f} vs {aux_dense[0]:.6f}")
 
     # one optimizer step through the worker's own train_mini_batch
-    before = {n: p.full_tensor().detach().clone() for n, p in dense.engine.module.named_parameters()}
+    before = params_of(dense)
     metrics = {}
     for name, worker in (("dense", dense), ("reuse", reuse)):
         worker.set_loss_fn(loss_fn)
