@@ -13,15 +13,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 from tensordict import TensorDict
 from verl.utils import tensordict_utils as tu
+from verl.utils.device import get_device_name
 from verl.utils.model import extract_multi_modal_inputs
 from verl.utils.py_functional import append_to_dict
 from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead, FSDPEngineWithValueHead
 
-from ..core import ScheduleStats, compute_log_probs, compute_values, forward_backward
+from ..core import ScheduleRuntime, ScheduleStats, compute_log_probs, compute_values, forward_backward
 from ..core.memory import lifetime_peak_bytes
 from ..core.moe import RouterSpec, load_balancing_loss, router_spec
 from .batch import full_length_nested, prompt_lengths, schedule_rows
@@ -43,10 +45,22 @@ def unsupported_reason(engine, data: TensorDict) -> str | None:
     prompts = prompt_lengths(data)
     if bool((data["input_ids"].offsets().diff().to(prompts.device) <= prompts).any()) or bool((prompts < 1).any()):
         return "rows with an empty prompt or response"
+    if "position_ids" in data.keys() and not positions_are_arange(data["position_ids"]):
+        return "position_ids that are not 0..len-1 per row (e.g. multi-dimensional RoPE)"
     for key in ("use_fused_kernels", "calculate_sum_pi_squared", "distillation_use_topk", "distillation_only"):
         if tu.get_non_tensor_data(data=data, key=key, default=False):
             return key
     return None
+
+
+def positions_are_arange(position_ids: torch.Tensor) -> bool:
+    """True when every row's position ids are 0, 1, ..., len - 1 (what the schedule assumes)."""
+    if not position_ids.is_nested or position_ids.dim() != 2:
+        return False
+    offsets = position_ids.offsets()
+    lengths = offsets.diff()
+    expected = torch.arange(int(offsets[-1]), device=offsets.device) - torch.repeat_interleave(offsets[:-1], lengths)
+    return bool(torch.equal(position_ids.values().to(expected.device), expected))
 
 
 def stats_metrics(stats: ScheduleStats, lifetime: int | None = None) -> dict[str, float]:
@@ -93,7 +107,7 @@ class PrefixReuseEngineMixin:
         settings = self.prefix_reuse
         if settings is None:
             return self._dense(data, loss_function, forward_only)
-        reason = unsupported_reason(self, data)
+        reason = self._agreed_reason(unsupported_reason(self, data))
         if reason is not None:
             self._warn_once(reason)
             output = self._dense(data, loss_function, forward_only)
@@ -150,6 +164,41 @@ class PrefixReuseEngineMixin:
         if self.readout != "log_probs":
             raise ValueError("prefix_reuse.router_aux_loss=true is for the actor (causal LM); set it false here.")
         return router_spec(self.module, settings.router_aux_loss_coef)
+
+    def _agreed_reason(self, reason: str | None) -> str | None:
+        """Dense fallback is one decision for the whole dp group: the dense and the reuse path issue
+        different FSDP passes, so one rank falling back alone would leave the others waiting."""
+        if torch.distributed.get_world_size(self.get_data_parallel_group()) == 1:
+            return reason
+        flag = torch.tensor([reason is not None], dtype=torch.long, device=self._device())
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.get_data_parallel_group())
+        if reason is None and bool(flag.item()):
+            return "another data-parallel rank's mini-batch (it needs the dense path)"
+        return reason
+
+    def _runtime(self) -> ScheduleRuntime:
+        """The stock engine's numerics and communication around every schedule pass: its autocast
+        (`mixed_precision.param_dtype`), its fp16 loss scaler, its gradient-sync context (one
+        reduce-scatter per mini-batch) and its dp group (passes kept in step across ranks)."""
+        autocast_dtype = getattr(self, "_autocast_dtype", torch.bfloat16)
+        device_name = get_device_name()
+
+        def forward_context():
+            if autocast_dtype == torch.float32:  # as stock: no autocast region at all in fp32
+                return nullcontext()
+            return torch.autocast(device_type=device_name, dtype=autocast_dtype)
+
+        scaler = getattr(self, "scaler", None)
+
+        def backward(loss: torch.Tensor) -> None:
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+
+        return ScheduleRuntime(
+            forward_context=forward_context,
+            backward=backward,
+            grad_sync=lambda last: self._gradient_sync_context(is_last_micro_batch=last),
+            group=self.get_data_parallel_group(),
+        )
 
     def _warn_once(self, reason: str) -> None:
         warned = self.__dict__.setdefault("_prefix_reuse_warned", set())
@@ -233,6 +282,7 @@ class PrefixReuseEngineMixin:
             batch.group_ids,
             loss_fn,
             settings.core_config(self._budget(data, forward_only=False)),
+            runtime=self._runtime(),
             **kwargs,
         )
         reuse_seconds = time.perf_counter() - start
@@ -258,9 +308,12 @@ class PrefixReuseEngineMixin:
             tu.get_non_tensor_data(data=data, key="calculate_entropy", default=False)
         )
         config = settings.core_config(self._budget(data, forward_only=True))
+        runtime = self._runtime()
         entropies = None
         if self.readout == "values":
-            per_token = compute_values(self.module, rows, batch.response_start, batch.group_ids, config)
+            per_token = compute_values(
+                self.module, rows, batch.response_start, batch.group_ids, config, runtime=runtime
+            )
         elif calculate_entropy:
             per_token, entropies = compute_log_probs(
                 self.module,
@@ -270,6 +323,7 @@ class PrefixReuseEngineMixin:
                 config,
                 True,
                 row_temperature=batch.row_temperature,
+                runtime=runtime,
             )
         else:
             per_token = compute_log_probs(
@@ -279,6 +333,7 @@ class PrefixReuseEngineMixin:
                 batch.group_ids,
                 config,
                 row_temperature=batch.row_temperature,
+                runtime=runtime,
             )
         model_output = {self.model_output_key: full_length_nested(per_token, rows, batch.response_start)}
         if calculate_entropy:

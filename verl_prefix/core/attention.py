@@ -9,32 +9,19 @@ grad_prefix_kv into them.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
 import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from .prefix_kv import PrefixKV, PrefixRef
+
 ATTENTION_NAME = "verl_prefix"
-
-
-@dataclass(frozen=True)
-class PrefixRef:
-    """Where a group's prefix K/V lives: Phase-A chunk and token range inside it."""
-
-    chunk: int
-    start: int
-    end: int
-
-    @property
-    def length(self) -> int:
-        return self.end - self.start
 
 
 @dataclass(frozen=True)
@@ -47,57 +34,34 @@ class Block:
     prefix: PrefixRef | None
 
 
-@dataclass
-class PrefixKV:
-    """Per Phase-A chunk, per layer: the prefix K/V graph tensors and their grad-accumulating leaves.
-
-    Shapes are [1, num_kv_heads, chunk_tokens, head_dim] (post-RoPE keys, values as projected).
-    """
-
-    graph: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
-    leaves: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
-
-    def layer_leaves(self, ref: PrefixRef, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        k, v = self.leaves[ref.chunk][layer]
-        return k[:, :, ref.start : ref.end], v[:, :, ref.start : ref.end]
-
-    def nbytes(self) -> int:
-        return sum(
-            k.numel() * k.element_size() + v.numel() * v.element_size()
-            for layers in self.leaves.values()
-            for k, v in layers
-        )
-
-
-@dataclass
 class AttentionContext:
     """State the registered attention function reads during one packed forward.
 
-    mode "capture": blocks are prefixes; record K/V into `prefix_kv` for `chunk` (graph tensors
-    when `keep_graph`, leaves when `make_leaves`). mode "suffix": blocks read prefix leaves.
+    Passed to the model call as the keyword argument `CONTEXT_KWARG`; transformers hands model-call
+    keyword arguments down to the attention function, and gradient checkpointing replays them, so
+    a recompute during backward sees the same context. A plain class: FSDP's input casting rebuilds
+    dataclasses and mappings it finds among forward arguments.
+
+    mode "capture": blocks are prefixes of Phase-A chunk `chunk`; store K/V into `prefix_kv` when
+    `store` (once per layer) and seed Phase C's gradient into them under grad mode.
+    mode "suffix": blocks read their prefix K/V from `prefix_kv`.
     """
 
-    mode: Literal["capture", "suffix"]
-    blocks: tuple[Block, ...]
-    prefix_kv: PrefixKV
-    backend: str
-    chunk: int = -1
-    keep_graph: bool = False
-    make_leaves: bool = False
-    _cache: dict = field(default_factory=dict)
+    def __init__(
+        self,
+        mode: Literal["capture", "suffix"],
+        blocks: tuple[Block, ...],
+        prefix_kv: PrefixKV,
+        backend: str,
+        chunk: int = -1,
+        store: bool = False,
+    ) -> None:
+        self.mode, self.blocks, self.prefix_kv, self.backend = mode, blocks, prefix_kv, backend
+        self.chunk, self.store = chunk, store
+        self.cache: dict = {}  # per-forward layouts and masks, shared by the layers
 
 
-_ACTIVE: AttentionContext | None = None
-
-
-@contextlib.contextmanager
-def active_context(ctx: AttentionContext) -> Iterator[AttentionContext]:
-    global _ACTIVE
-    previous, _ACTIVE = _ACTIVE, ctx
-    try:
-        yield ctx
-    finally:
-        _ACTIVE = previous
+CONTEXT_KWARG = "prefix_attention_context"
 
 
 def _row_mask(prefix_len: int, n: int, device: torch.device) -> torch.Tensor:
@@ -120,7 +84,7 @@ def _flash_takes_lower_right(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 def _prefix_for_block(ctx: AttentionContext, block: Block, layer: int):
     if block.prefix is None or ctx.mode == "capture":
         return None, None
-    return ctx.prefix_kv.layer_leaves(block.prefix, layer)
+    return ctx.prefix_kv.read(block.prefix, layer)
 
 
 def _sdpa(ctx: AttentionContext, layer: int, q, k, v, scaling: float, dropout: float) -> torch.Tensor:
@@ -130,7 +94,7 @@ def _sdpa(ctx: AttentionContext, layer: int, q, k, v, scaling: float, dropout: f
     row's gradient never reaches another row's tokens: a NaN/inf in one row stays in that row and
     its prefix, exactly as in dense training. Returns [1, heads, tokens, head_dim].
     """
-    masks = ctx._cache.setdefault("sdpa_row_masks", {})
+    masks = ctx.cache.setdefault("sdpa_row_masks", {})
     gqa = q.shape[1] != k.shape[1]
     lower_right: bool | None = None
     outs = []
@@ -211,8 +175,8 @@ def _compiled_flex():
 
 def _flex_layout(ctx: AttentionContext, device: torch.device):
     """Packed key layout [distinct prefixes of the blocks ; queries] and its BlockMask (cached)."""
-    if "flex" in ctx._cache:
-        return ctx._cache["flex"]
+    if "flex" in ctx.cache:
+        return ctx.cache["flex"]
     from torch.nn.attention.flex_attention import create_block_mask
 
     refs: list[PrefixRef] = []
@@ -245,8 +209,8 @@ def _flex_layout(ctx: AttentionContext, device: torch.device):
         return reads_prefix | own
 
     block_mask = create_block_mask(mask_mod, None, None, n_q, n_prefix + n_q, device=device)
-    ctx._cache["flex"] = (refs, block_mask)
-    return ctx._cache["flex"]
+    ctx.cache["flex"] = (refs, block_mask)
+    return ctx.cache["flex"]
 
 
 def _flex(ctx: AttentionContext, layer: int, q, k, v, scaling: float, dropout: float) -> torch.Tensor:
@@ -255,7 +219,7 @@ def _flex(ctx: AttentionContext, layer: int, q, k, v, scaling: float, dropout: f
         raise ValueError("attention='flex' does not support attention dropout; use attention='sdpa'.")
     refs, block_mask = _flex_layout(ctx, q.device)
     if refs:
-        kvs = [ctx.prefix_kv.layer_leaves(r, layer) for r in refs]
+        kvs = [ctx.prefix_kv.read(r, layer) for r in refs]
         k = torch.cat([kp for kp, _ in kvs] + [k], dim=2)
         v = torch.cat([vp for _, vp in kvs] + [v], dim=2)
     gqa = q.shape[1] != k.shape[1]
@@ -355,9 +319,12 @@ def prefix_attention(
 
     Returns ([1, T, H, D], None) like transformers' sdpa_attention_forward.
     """
-    ctx = _ACTIVE
-    if ctx is None:
-        raise RuntimeError(f"attn_implementation={ATTENTION_NAME!r} only runs inside verl_prefix.core schedule calls.")
+    ctx = kwargs.get(CONTEXT_KWARG)
+    if not isinstance(ctx, AttentionContext):
+        raise RuntimeError(
+            f"attn_implementation={ATTENTION_NAME!r} only runs inside verl_prefix.core schedule calls "
+            f"(the model call must carry {CONTEXT_KWARG}=AttentionContext)."
+        )
     if sliding_window is not None or softcap is not None or s_aux is not None:
         raise ValueError(
             f"{type(module).__name__} uses sliding-window, soft-capped or sink attention, which the "
@@ -367,11 +334,9 @@ def prefix_attention(
         raise RuntimeError("the shared-prefix schedule runs packed forwards with batch size 1.")
     layer = module.layer_idx
     if ctx.mode == "capture":
-        if ctx.keep_graph:
-            ctx.prefix_kv.graph.setdefault(ctx.chunk, []).append((key, value))
-        if ctx.make_leaves:
-            leaves = (key.detach().requires_grad_(), value.detach().requires_grad_())
-            ctx.prefix_kv.leaves.setdefault(ctx.chunk, []).append(leaves)
+        if ctx.store:
+            ctx.prefix_kv.store(ctx.chunk, layer, key, value)
+        key, value = ctx.prefix_kv.seed(ctx.chunk, layer, key, value)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     backend = ctx.backend

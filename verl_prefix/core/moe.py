@@ -17,29 +17,44 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .attention import PrefixRef
+from .prefix_kv import PrefixRef, accumulation_dtype
 
 
 @dataclass
 class PrefixRouterLogits:
-    """Per Phase-A chunk, per MoE layer: router logits [chunk_tokens, num_experts] (model dtype), as
-    graph tensors (seeds of Phase C) and as detached leaves (read in Phase B)."""
+    """Per Phase-A chunk, per MoE layer: router logits [chunk_tokens, num_experts] as graph tensors
+    (roots of Phase C) and as detached leaves in at least fp32 (read in Phase B; their `.grad`
+    accumulates every micro-batch's share in that precision)."""
 
     graph: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     leaves: dict[int, list[torch.Tensor]] = field(default_factory=dict)
 
-    def capture(
-        self, chunk: int, router_logits: Sequence[torch.Tensor] | None, keep_graph: bool, make_leaves: bool
-    ) -> None:
+    def capture(self, chunk: int, router_logits: Sequence[torch.Tensor] | None, store: bool) -> None:
+        """Record a prefix forward's router logits: leaves when `store`, graph tensors under grad mode."""
         _require(router_logits)
-        if keep_graph:
+        if store:
+            self.leaves[chunk] = [z.detach().to(accumulation_dtype(z.dtype)).requires_grad_() for z in router_logits]
+        if torch.is_grad_enabled():
+            if not all(z.requires_grad for z in router_logits):
+                raise ValueError(
+                    "PrefixReuseConfig.router_aux_loss=True cannot run under reentrant gradient checkpointing "
+                    "(the router logits leave the checkpointed layers without a graph); enable checkpointing "
+                    "with gradient_checkpointing_kwargs={'use_reentrant': False} or disable it."
+                )
             self.graph[chunk] = list(router_logits)
-        if make_leaves:
-            self.leaves[chunk] = [z.detach().requires_grad_() for z in router_logits]
 
     def of_prefix(self, ref: PrefixRef) -> list[torch.Tensor]:
         """One prefix's leaves per layer, each [ref.length, num_experts] (views: grads land in the leaf)."""
         return [z[ref.start : ref.end] for z in self.leaves[ref.chunk]]
+
+    def seeds(self, chunk: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Phase C: the chunk's graph router logits and the gradient accumulated for them (then released)."""
+        roots, grads = [], []
+        for graph_z, leaf_z in zip(self.graph.pop(chunk), self.leaves.pop(chunk), strict=True):
+            if leaf_z.grad is not None:
+                roots.append(graph_z)
+                grads.append(leaf_z.grad.to(graph_z.dtype))
+        return roots, grads
 
 
 @dataclass(frozen=True)
@@ -79,7 +94,7 @@ def load_balancing_loss(
     logits dtype (accumulated in at least float32).
     """
     _require(own_logits)
-    device, dtype = own_logits[0].device, torch.promote_types(own_logits[0].dtype, torch.float32)
+    device, dtype = own_logits[0].device, accumulation_dtype(own_logits[0].dtype)
     choices = torch.zeros(spec.top_k, spec.num_experts, dtype=torch.float32, device=device)
     probs = torch.zeros(spec.num_experts, dtype=dtype, device=device)
     tokens = 0

@@ -1,19 +1,24 @@
 """The three-phase shared-prefix schedule for Hugging Face causal LMs.
 
-Phase A: each shared prefix runs forward once; every layer's post-RoPE K/V is captured and
-detached into leaves (`prefix_kv`). Phase B: suffixes (starting at the last prompt token) run as
-packed micro-batches whose attention reads [prefix K/V ; own K/V]; each micro-batch's loss is
-backpropagated, adding parameter grads and grad_prefix_kv into the leaves. Phase C: one prefix
-backward per chunk, seeded with the accumulated grad_prefix_kv. In real arithmetic the parameter
-gradients equal dense training over every row.
+Phase A: each shared prefix runs forward once; every layer's post-RoPE K/V is stored (`PrefixKV`).
+Phase B: suffixes (starting at the last prompt token) run as packed micro-batches whose attention
+reads [prefix K/V ; own K/V]; each micro-batch's loss is backpropagated, adding parameter grads and
+accumulating gK/gV in fp32. Phase C: one prefix backward per chunk, the accumulated gK/gV added where
+the prefix forward produced its K/V. In real arithmetic the parameter gradients equal dense
+training over every row.
+
+Every model call carries its `AttentionContext` as a keyword argument, so gradient checkpointing
+(which replays the call's arguments during backward) works in every phase. With a
+`ScheduleRuntime.group`, every rank runs the same number of passes per phase (one-token padding
+passes where it has fewer), so FSDP collectives stay matched across data-parallel ranks.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -23,21 +28,14 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
 )
 
-from .attention import (
-    ATTENTION_NAME,
-    AttentionContext,
-    Block,
-    PrefixKV,
-    PrefixRef,
-    active_context,
-    check_backend,
-    register,
-)
+from .attention import ATTENTION_NAME, CONTEXT_KWARG, AttentionContext, Block, check_backend, register
 from .config import PrefixReuseConfig, ScheduleStats
 from .flops import FlopModel
 from .memory import phase_peak, saved_tensors_on_cpu
 from .moe import PrefixRouterLogits, RouterSpec, load_balancing_loss, router_spec
 from .plan import SchedulePlan, Segment, make_plan
+from .prefix_kv import PrefixKV, PrefixRef
+from .runtime import ScheduleRuntime
 
 LossFn = Callable[..., torch.Tensor]
 Readout = Literal["log_probs", "values"]
@@ -54,11 +52,13 @@ def forward_backward(
     row_temperature: Sequence[float] | None = None,
     loss_entropy: bool = False,
     readout: Readout = "log_probs",
+    runtime: ScheduleRuntime | None = None,
 ) -> ScheduleStats:
     """Accumulate into `param.grad` the gradient of sum(loss_fn(...)) over all suffix micro-batches.
 
     Args:
-        model: transformers causal LM (Llama, Qwen2, Qwen3, Qwen3-MoE, ...), in the mode the caller wants.
+        model: transformers causal LM (Llama, Qwen2, Qwen3, Qwen3-MoE, ...), in the mode the caller wants
+            (gradient checkpointing, reentrant or not, is supported).
         input_ids: one 1-D unpadded LongTensor per trajectory (prompt + response).
         response_start: index of each row's first response token, 1 <= response_start[i] < len(row).
         group_ids: rows with equal ids may share a prefix (verl's uid); the prefix actually shared is
@@ -74,110 +74,29 @@ def forward_backward(
         readout: "log_probs" (causal LM) or "values" (a token-classification value model with one
             label, e.g. verl's critic): loss_fn then gets per-response-token values, read at the
             same positions as log-probs (position t - 1 for response token t).
+        runtime: the trainer's autocast, loss backward, gradient-sync context and data-parallel
+            group (`ScheduleRuntime`); None = plain PyTorch in one process.
 
     Gradients are added to existing `.grad` (never zeroed here).
     """
-    config = config or PrefixReuseConfig()
-    rows, device = _validate(model, input_ids, response_start, group_ids, config, needs_grad=True, readout=readout)
-    _check_row_temperature(row_temperature, len(rows))
+    step = _start(model, input_ids, response_start, group_ids, config, runtime, readout, row_temperature, True)
     if not callable(loss_fn):
         raise ValueError("loss_fn must be callable as loss_fn(indices, log_probs) -> scalar tensor.")
-    plan = make_plan(rows, response_start, group_ids, config.max_tokens_per_micro_batch, config.min_prefix_tokens)
-    stats = _new_stats(model, plan, rows, config)
-    mode = config.prefix_activations
-    prefix_kv = PrefixKV()
-    rng_states: dict[int, tuple] = {}
-    head_outputs: dict[int, torch.Tensor] = {}  # Phase-A head outputs, kept for hook-driven wrappers
-    hooked = _backward_needs_output_hooks(model)
-    router: PrefixRouterLogits | None = None
-    spec: RouterSpec | None = None
-    if config.router_aux_loss:
+    stats = _new_stats(model, step.plan, step.rows, step.config)
+    if step.config.router_aux_loss:
         if readout != "log_probs":
             raise ValueError("PrefixReuseConfig.router_aux_loss is for causal LMs (readout='log_probs').")
-        spec, router = router_spec(model, config.router_aux_loss_coef), PrefixRouterLogits()
+        step.router, step.router_spec = PrefixRouterLogits(), router_spec(model, step.config.router_aux_loss_coef)
         stats.router_aux_losses = []
-
-    prefix_forward = functools.partial(
-        _prefix_forward, model, plan, rows=rows, prefix_kv=prefix_kv, config=config, readout=readout, router=router
-    )
-
     with _prefix_attention(model):
-        with _phase(stats, "A", device):
-            for c in range(len(plan.prefix_chunks)):
-                rng_states[c] = _rng_state(device)
-                if mode == "recompute":
-                    with torch.no_grad():
-                        prefix_forward(c, keep_graph=False)
-                elif mode == "offload":
-                    with saved_tensors_on_cpu(pin_memory=device.type == "cuda"):
-                        out = prefix_forward(c, keep_graph=True)
-                else:
-                    out = prefix_forward(c, keep_graph=True)
-                if hooked and mode != "recompute":
-                    head_outputs[c] = out
-
-        with _phase(stats, "B", device):
-            refs = _prefix_refs(plan)
-            for segments in plan.micro_batches:
-                suffix_router: list = []
-                indices, log_probs, entropies = _suffix_forward(
-                    model,
-                    plan,
-                    segments,
-                    refs,
-                    rows,
-                    response_start,
-                    prefix_kv,
-                    config,
-                    row_temperature,
-                    loss_entropy,
-                    readout,
-                    router_out=suffix_router if router is not None else None,
-                )
-                loss = loss_fn(indices, log_probs, entropies) if loss_entropy else loss_fn(indices, log_probs)
-                if router is not None:
-                    # dense counts each prefix token once per row: weight a prefix by its rows here
-                    shared = [
-                        (router.of_prefix(refs[seg.group]), len(seg.rows)) for seg in segments if seg.group in refs
-                    ]
-                    aux = load_balancing_loss(suffix_router[0], shared, spec)
-                    stats.router_aux_losses.append(aux.item())
-                    loss = loss + spec.coef * aux
-                if loss.requires_grad:
-                    loss.backward()
-            if router is not None:
-                stats.router_aux_loss = sum(stats.router_aux_losses)
-
-        with _phase(stats, "C", device):
-            for c in range(len(plan.prefix_chunks)):
-                if mode == "recompute":
-                    with _restored_rng(device, rng_states[c]):
-                        out = prefix_forward(c, keep_graph=True, make_leaves=False)
-                    if hooked:
-                        head_outputs[c] = out
-                graph = prefix_kv.graph.pop(c)
-                leaves = prefix_kv.leaves.pop(c)
-                outputs, grads = [], []
-                for graph_kv, leaf_kv in zip(graph, leaves, strict=True):
-                    for out, leaf in zip(graph_kv, leaf_kv, strict=True):
-                        if leaf.grad is not None and out.requires_grad:
-                            outputs.append(out)
-                            grads.append(leaf.grad)
-                if router is not None:  # the prefix router logits' share of every micro-batch's aux loss
-                    for graph_z, leaf_z in zip(router.graph.pop(c), router.leaves.pop(c), strict=True):
-                        if leaf_z.grad is not None and graph_z.requires_grad:
-                            outputs.append(graph_z)
-                            grads.append(leaf_z.grad)
-                if c in head_outputs:
-                    # FSDP unshards a layer's parameters when gradient reaches that layer's *output*;
-                    # the K/V seeds enter inside the layers, so also send zeros down from the head
-                    # output: every layer output then sees gradient and FSDP's hooks fire in order.
-                    head = head_outputs.pop(c)
-                    outputs.append(head)
-                    grads.append(torch.zeros_like(head))
-                if outputs:
-                    torch.autograd.backward(outputs, grads)
-                del graph, leaves, outputs, grads
+        with _phase(stats, "A", step.device):
+            _phase_a(step)
+        with _phase(stats, "B", step.device):
+            _phase_b(step, loss_fn, loss_entropy, stats)
+        with _phase(stats, "C", step.device):
+            _phase_c(step)
+    if step.router is not None:
+        stats.router_aux_loss = sum(stats.router_aux_losses)
     return stats
 
 
@@ -190,15 +109,15 @@ def compute_log_probs(
     return_entropy: bool = False,
     *,
     row_temperature: Sequence[float] | None = None,
+    runtime: ScheduleRuntime | None = None,
 ) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Response-token log-probs per row under no_grad, each shared prefix computed once.
 
     Returns a list (row order) of 1-D tensors of length len(row) - response_start[row]; with
     `return_entropy`, also the per-token entropies of the tempered distribution.
     """
-    log_probs, entropies = _infer(
-        model, input_ids, response_start, group_ids, config, "log_probs", return_entropy, row_temperature
-    )
+    step = _start(model, input_ids, response_start, group_ids, config, runtime, "log_probs", row_temperature, False)
+    log_probs, entropies = _infer(step, return_entropy)
     return (log_probs, entropies) if return_entropy else log_probs
 
 
@@ -208,39 +127,137 @@ def compute_values(
     response_start: Sequence[int],
     group_ids: Sequence[Hashable],
     config: PrefixReuseConfig | None = None,
+    *,
+    runtime: ScheduleRuntime | None = None,
 ) -> list[torch.Tensor]:
     """Per-response-token values of a one-label token-classification model (verl's critic), under
     no_grad with prefix reuse; value of response token t is read at position t - 1, as verl does."""
-    values, _ = _infer(model, input_ids, response_start, group_ids, config, "values", False, None)
+    step = _start(model, input_ids, response_start, group_ids, config, runtime, "values", None, False)
+    values, _ = _infer(step, False)
     return values
 
 
-def _infer(model, input_ids, response_start, group_ids, config, readout, return_entropy, row_temperature):
+# ---------------------------------------------------------------------------------------------
+# One schedule call's state
+
+
+@dataclass
+class _Step:
+    """Everything one schedule call works on, passed explicitly to each phase."""
+
+    model: torch.nn.Module
+    plan: SchedulePlan
+    rows: list[torch.Tensor]
+    response_start: Sequence[int]
+    row_temperature: Sequence[float] | None
+    config: PrefixReuseConfig
+    runtime: ScheduleRuntime
+    readout: Readout
+    device: torch.device
+    chunks: int  # Phase-A/C passes: the plan's chunks, then one-token padding chunks
+    micro_batches: int  # Phase-B passes: the plan's micro-batches, then one-token padding passes
+    prefix_kv: PrefixKV = field(default_factory=PrefixKV)
+    refs: dict[int, PrefixRef] = field(default_factory=dict)
+    head_outputs: dict[int, torch.Tensor] = field(default_factory=dict)  # Phase-A outputs (graph roots)
+    rng_states: dict[int, tuple] = field(default_factory=dict)
+    router: PrefixRouterLogits | None = None
+    router_spec: RouterSpec | None = None
+
+    def is_padding_chunk(self, c: int) -> bool:
+        return c >= len(self.plan.prefix_chunks)
+
+    def is_padding_micro_batch(self, m: int) -> bool:
+        return m >= len(self.plan.micro_batches)
+
+
+def _start(model, input_ids, response_start, group_ids, config, runtime, readout, row_temperature, needs_grad):
     config = config or PrefixReuseConfig()
-    rows, _ = _validate(model, input_ids, response_start, group_ids, config, needs_grad=False, readout=readout)
+    runtime = runtime or ScheduleRuntime()
+    rows, device = _validate(model, input_ids, response_start, group_ids, config, needs_grad, readout)
     _check_row_temperature(row_temperature, len(rows))
     plan = make_plan(rows, response_start, group_ids, config.max_tokens_per_micro_batch, config.min_prefix_tokens)
-    outputs: list[torch.Tensor | None] = [None] * len(rows)
-    entropies: list[torch.Tensor | None] = [None] * len(rows)
-    prefix_kv = PrefixKV()
-    with torch.no_grad(), _prefix_attention(model):
-        for c in range(len(plan.prefix_chunks)):
-            _prefix_forward(model, plan, c, rows, prefix_kv, config, readout, keep_graph=False)
-        refs = _prefix_refs(plan)
-        for segments in plan.micro_batches:
-            indices, outs, ents = _suffix_forward(
-                model,
-                plan,
-                segments,
-                refs,
-                rows,
-                response_start,
-                prefix_kv,
-                config,
-                row_temperature,
-                return_entropy,
-                readout,
-            )
+    chunks, micro_batches = runtime.agreed_counts([len(plan.prefix_chunks), len(plan.micro_batches)], device)
+    refs = {g: PrefixRef(*ref) for g, ref in plan.prefix_refs().items()}
+    return _Step(
+        model,
+        plan,
+        rows,
+        response_start,
+        row_temperature,
+        config,
+        runtime,
+        readout,
+        device,
+        chunks,
+        micro_batches,
+        refs=refs,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Phases
+
+
+def _phase_a(step: _Step) -> None:
+    """Each prefix chunk forward once; its K/V stored, its graph kept (or dropped for recompute)."""
+    mode = step.config.prefix_activations
+    for c in range(step.chunks):
+        step.rng_states[c] = _rng_state(step.device)
+        with step.runtime.forward_context():
+            if mode == "recompute":
+                with torch.no_grad():
+                    _prefix_forward(step, c, store=True)
+            elif mode == "offload":
+                with saved_tensors_on_cpu(pin_memory=step.device.type == "cuda"):
+                    step.head_outputs[c] = _prefix_forward(step, c, store=True)
+            else:
+                step.head_outputs[c] = _prefix_forward(step, c, store=True)
+
+
+def _phase_b(step: _Step, loss_fn: LossFn, loss_entropy: bool, stats: ScheduleStats) -> None:
+    """Each suffix micro-batch forward, loss and backward; gK/gV accumulate in `step.prefix_kv`."""
+    for m in range(step.micro_batches):
+        last = step.chunks == 0 and m == step.micro_batches - 1
+        with step.runtime.grad_sync(last):
+            with step.runtime.forward_context():
+                if step.is_padding_micro_batch(m):
+                    loss = _padding_loss(step)
+                else:
+                    loss = _suffix_loss(step, step.plan.micro_batches[m], loss_fn, loss_entropy, stats)
+            step.runtime.backward(loss)
+
+
+def _phase_c(step: _Step) -> None:
+    """Each prefix chunk backward once, seeded (inside the graph) with the accumulated gK/gV."""
+    for c in range(step.chunks):
+        with step.runtime.grad_sync(c == step.chunks - 1):
+            if step.config.prefix_activations == "recompute":
+                with _restored_rng(step.device, step.rng_states[c]), step.runtime.forward_context():
+                    step.head_outputs[c] = _prefix_forward(step, c, store=False)
+            head = step.head_outputs.pop(c)
+            # The K/V seeds enter inside the layers (`PrefixKV.seed`); the backward starts at the
+            # head output with zeros, so every layer output sees gradient: FSDP's backward hooks
+            # (unshard, reduce-scatter) fire in order, and checkpointed layers are recomputed.
+            roots, grads = [head], [torch.zeros_like(head)]
+            if step.router is not None:
+                roots_z, grads_z = step.router.seeds(c)
+                roots, grads = roots + roots_z, grads + grads_z
+            torch.autograd.backward(roots, grads)
+        step.prefix_kv.release(c)
+
+
+def _infer(step: _Step, return_entropy: bool):
+    """Forward-only: Phase A under no_grad, then each micro-batch's per-token outputs."""
+    outputs: list[torch.Tensor | None] = [None] * len(step.rows)
+    entropies: list[torch.Tensor | None] = [None] * len(step.rows)
+    with torch.no_grad(), _prefix_attention(step.model), step.runtime.forward_context():
+        for c in range(step.chunks):
+            _prefix_forward(step, c, store=True)
+        for m in range(step.micro_batches):
+            if step.is_padding_micro_batch(m):
+                _padding_loss(step)
+                continue
+            indices, outs, ents = _suffix_forward(step, step.plan.micro_batches[m], return_entropy)
             for k, r in enumerate(indices):
                 outputs[r] = outs[k]
                 if return_entropy:
@@ -249,105 +266,81 @@ def _infer(model, input_ids, response_start, group_ids, config, readout, return_
 
 
 # ---------------------------------------------------------------------------------------------
-# Phases
+# Passes
 
 
-def _prefix_forward(
-    model: torch.nn.Module,
-    plan: SchedulePlan,
-    chunk: int,
-    rows: Sequence[torch.Tensor],
-    prefix_kv: PrefixKV,
-    config: PrefixReuseConfig,
-    readout: Readout,
-    keep_graph: bool,
-    make_leaves: bool = True,
-    router: PrefixRouterLogits | None = None,
-) -> torch.Tensor:
-    """Run one Phase-A chunk (packed prefixes, block-causal) and capture every layer's K/V (and,
-    with `router`, every MoE layer's router logits).
+def _prefix_forward(step: _Step, chunk: int, store: bool) -> torch.Tensor:
+    """Run one Phase-A chunk (packed prefixes, block-causal): store every layer's K/V when `store`
+    (and every MoE layer's router logits), seed Phase C's gradient under grad mode.
 
-    Returns the model's (head) output tensor, whose graph Phase C may need (see `_hooked_backward`).
+    Returns the model's head output, the root of Phase C's backward. A padding chunk is one token.
     """
-    groups = [plan.groups[g] for g in plan.prefix_chunks[chunk]]
+    groups = [] if step.is_padding_chunk(chunk) else [step.plan.groups[g] for g in step.plan.prefix_chunks[chunk]]
     blocks, offset = [], 0
     for grp in groups:
         blocks.append(Block(offset, offset + grp.prefix_len, (grp.prefix_len,), None))
         offset += grp.prefix_len
-    ids = torch.cat([rows[grp.rows[0]][: grp.prefix_len] for grp in groups])
-    positions = torch.cat([torch.arange(grp.prefix_len, device=ids.device) for grp in groups])
-    ctx = AttentionContext(
-        "capture",
-        tuple(blocks),
-        prefix_kv,
-        config.attention,
-        chunk=chunk,
-        keep_graph=keep_graph,
-        make_leaves=make_leaves,
-    )
+    if groups:
+        ids = torch.cat([step.rows[grp.rows[0]][: grp.prefix_len] for grp in groups])
+        positions = torch.cat([torch.arange(grp.prefix_len, device=step.device) for grp in groups])
+    else:
+        blocks = [Block(0, 1, (1,), None)]
+        ids = positions = torch.zeros(1, dtype=torch.long, device=step.device)
+    ctx = AttentionContext("capture", tuple(blocks), step.prefix_kv, step.config.attention, chunk=chunk, store=store)
     # No head over prefix tokens: their outputs are never read (a value head is one column: kept).
-    head = {"logits_to_keep": torch.empty(0, dtype=torch.long, device=ids.device)} if readout == "log_probs" else {}
-    if router is not None:
-        head["output_router_logits"] = True
-    with active_context(ctx):
-        output = model(input_ids=ids[None], position_ids=positions[None], use_cache=False, **head)
-    if router is not None:
-        router.capture(chunk, output.router_logits, keep_graph, make_leaves)
-    captured = (prefix_kv.graph if keep_graph else prefix_kv.leaves).get(chunk, [])
-    _check_hooked(model, len(captured))
+    kwargs = {CONTEXT_KWARG: ctx}
+    if step.readout == "log_probs":
+        kwargs["logits_to_keep"] = torch.empty(0, dtype=torch.long, device=step.device)
+    if step.router is not None:
+        kwargs["output_router_logits"] = True
+    output = step.model(input_ids=ids[None], position_ids=positions[None], use_cache=False, **kwargs)
+    if step.router is not None:
+        step.router.capture(chunk, output.router_logits, store)
+    if store:
+        _check_hooked(step.model, len(step.prefix_kv.kv.get(chunk, {})))
     return output.logits
 
 
 def _suffix_forward(
-    model: torch.nn.Module,
-    plan: SchedulePlan,
-    segments: Sequence[Segment],
-    refs: dict[int, PrefixRef],
-    rows: Sequence[torch.Tensor],
-    response_start: Sequence[int],
-    prefix_kv: PrefixKV,
-    config: PrefixReuseConfig,
-    row_temperature: Sequence[float] | None,
-    entropy: bool,
-    readout: Readout = "log_probs",
-    router_out: list | None = None,
+    step: _Step, segments: Sequence[Segment], entropy: bool, router_out: list | None = None
 ) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor] | None]:
     """Run one Phase-B micro-batch; return its row indices, per-response-token log-probs or values
     (and entropies). With `router_out`, append the micro-batch's per-layer router logits to it."""
     blocks, ids, positions, keep, labels, indices, counts = [], [], [], [], [], [], []
     offset = 0
-    device = rows[0].device
+    rows, device = step.rows, step.device
     for seg in segments:
-        p = plan.groups[seg.group].prefix_len
+        p = step.plan.groups[seg.group].prefix_len
         lengths = tuple(len(rows[r]) - p for r in seg.rows)
-        blocks.append(Block(offset, offset + sum(lengths), lengths, refs.get(seg.group)))
+        blocks.append(Block(offset, offset + sum(lengths), lengths, step.refs.get(seg.group)))
         for r, n in zip(seg.rows, lengths, strict=True):
+            start = step.response_start[r]
             ids.append(rows[r][p:])
             positions.append(torch.arange(p, len(rows[r]), device=device))
             # logit at position t predicts token t + 1: response tokens rs.. come from rs-1..len-2
-            keep.append(torch.arange(offset + response_start[r] - 1 - p, offset + n - 1, device=device))
-            labels.append(rows[r][response_start[r] :])
+            keep.append(torch.arange(offset + start - 1 - p, offset + n - 1, device=device))
+            labels.append(rows[r][start:])
             indices.append(r)
-            counts.append(len(rows[r]) - response_start[r])
+            counts.append(len(rows[r]) - start)
             offset += n
-    ctx = AttentionContext("suffix", tuple(blocks), prefix_kv, config.attention)
+    ctx = AttentionContext("suffix", tuple(blocks), step.prefix_kv, step.config.attention)
     keep_idx = torch.cat(keep)
     inputs = dict(input_ids=torch.cat(ids)[None], position_ids=torch.cat(positions)[None], use_cache=False)
-    with active_context(ctx):
-        if readout == "values":
-            values = model(**inputs).logits[0, keep_idx].squeeze(-1)
-            return indices, list(values.split(counts)), None
-        if router_out is not None:
-            output = model(**inputs, logits_to_keep=keep_idx, output_router_logits=True)
-            router_out.append(output.router_logits)
-            logits = output.logits[0]
-        else:
-            logits = model(**inputs, logits_to_keep=keep_idx).logits[0]
-    temperature: float | torch.Tensor = config.temperature
-    if row_temperature is not None:
+    inputs[CONTEXT_KWARG] = ctx
+    if step.readout == "values":
+        values = step.model(**inputs).logits[0, keep_idx].squeeze(-1)
+        return indices, list(values.split(counts)), None
+    if router_out is not None:
+        output = step.model(**inputs, logits_to_keep=keep_idx, output_router_logits=True)
+        router_out.append(output.router_logits)
+    else:
+        output = step.model(**inputs, logits_to_keep=keep_idx)
+    logits = output.logits[0]
+    temperature: float | torch.Tensor = step.config.temperature
+    if step.row_temperature is not None:
         temperature = torch.cat(
             [
-                torch.full((n,), float(row_temperature[r]), dtype=torch.float64, device=device)
+                torch.full((n,), float(step.row_temperature[r]), dtype=torch.float64, device=device)
                 for r, n in zip(indices, counts, strict=True)
             ]
         )[:, None]
@@ -357,6 +350,36 @@ def _suffix_forward(
         list(log_probs.split(counts)),
         list(entropies.split(counts)) if entropies is not None else None,
     )
+
+
+def _suffix_loss(
+    step: _Step, segments: Sequence[Segment], loss_fn: LossFn, loss_entropy: bool, stats: ScheduleStats
+) -> torch.Tensor:
+    """One Phase-B micro-batch's loss (plus coef x its router aux loss), always backward-able so
+    that every rank runs the same backward passes."""
+    router_out: list | None = [] if step.router is not None else None
+    indices, outputs, entropies = _suffix_forward(step, segments, loss_entropy, router_out)
+    loss = loss_fn(indices, outputs, entropies) if loss_entropy else loss_fn(indices, outputs)
+    if step.router is not None:
+        # dense counts each prefix token once per row: weight a prefix by its rows here
+        shared = [
+            (step.router.of_prefix(step.refs[seg.group]), len(seg.rows)) for seg in segments if seg.group in step.refs
+        ]
+        aux = load_balancing_loss(router_out[0], shared, step.router_spec)
+        stats.router_aux_losses.append(aux.item())
+        loss = loss + step.router_spec.coef * aux
+    if not loss.requires_grad:  # a loss independent of the model still takes part in the backward
+        loss = loss + 0.0 * torch.cat(outputs).sum()
+    return loss
+
+
+def _padding_loss(step: _Step) -> torch.Tensor:
+    """A one-token pass with zero loss: the same module calls (and FSDP collectives) as a real
+    micro-batch, no effect on any gradient."""
+    ctx = AttentionContext("suffix", (Block(0, 1, (1,), None),), step.prefix_kv, step.config.attention)
+    ids = torch.zeros(1, 1, dtype=torch.long, device=step.device)
+    out = step.model(input_ids=ids, position_ids=ids, use_cache=False, **{CONTEXT_KWARG: ctx}).logits
+    return 0.0 * out.sum()
 
 
 def token_log_probs(
@@ -383,10 +406,6 @@ def token_log_probs(
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
-
-
-def _prefix_refs(plan: SchedulePlan) -> dict[int, PrefixRef]:
-    return {g: PrefixRef(*ref) for g, ref in plan.prefix_refs().items()}
 
 
 @contextlib.contextmanager
@@ -447,16 +466,6 @@ def _new_stats(
         dense_tokens=sum(len(r) for r in rows),
         flop_bound=flops.training_ratio(prefix_lens, suffix_lens, recompute=config.prefix_activations == "recompute"),
     )
-
-
-def _backward_needs_output_hooks(model: torch.nn.Module) -> bool:
-    """True when parameters are materialised by hooks on module outputs (FSDP1 / FSDP2)."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
-    except ImportError:  # torch built without distributed
-        return False
-    return any(isinstance(m, (FSDPModule, FSDP1)) for m in model.modules())
 
 
 def _check_hooked(model: torch.nn.Module, layers_seen: int) -> None:
