@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import os
 import socket
+import time
 import types
 from contextlib import contextmanager
 from typing import Any
@@ -228,7 +229,9 @@ def build_worker(model_dir: str, reuse: bool, model_type: str = "language_model"
     """verl's real TrainingWorker (FSDP2, fp32, SDPA) in this process.
 
     reuse=False builds verl's stock engine class (the lookup skips verl-prefix's vendor keys);
-    reuse=True builds verl-prefix's engine with `prefix_reuse.enable=true`.
+    reuse=True builds verl-prefix's engine with `prefix_reuse.enable=true`. `engine_kwargs` are
+    FSDPEngineConfig fields, plus `prefix_reuse` (settings dict), `use_remove_padding` and
+    `enable_gradient_checkpointing` (model config).
     """
     from verl.trainer.config import CheckpointConfig
     from verl.workers.config import FSDPEngineConfig, FSDPOptimizerConfig, HFModelConfig
@@ -241,10 +244,11 @@ def build_worker(model_dir: str, reuse: bool, model_type: str = "language_model"
     install_engines()
     settings = dict(engine_kwargs.pop("prefix_reuse", {}))
     use_remove_padding = engine_kwargs.pop("use_remove_padding", True)
+    checkpointing = engine_kwargs.pop("enable_gradient_checkpointing", False)
     model_config = HFModelConfig(
         path=model_dir,
         use_remove_padding=use_remove_padding,
-        enable_gradient_checkpointing=False,
+        enable_gradient_checkpointing=checkpointing,
         override_config={"attn_implementation": "sdpa"},
     )
     fp32 = {"param_dtype": "fp32", "reduce_dtype": "fp32", "buffer_dtype": "fp32"}
@@ -330,38 +334,96 @@ def make_batch(groups, seed: int = 0, calculate_entropy: bool = False, temperatu
 
 def two_rank_grads(rank: int, port: int, model_dir: str, out_dir: str, groups_per_rank) -> None:
     """mp.spawn target: stock vs reuse gradients of one dp=2 mini-batch; rank 0 writes the result."""
-    import json
+    two_rank_compare(rank, port, model_dir, out_dir, {"groups_per_rank": groups_per_rank})
+
+
+def ppo_loss_fn():
     from functools import partial
 
-    from verl.utils import tensordict_utils as tu
     from verl.workers.config import FSDPActorConfig
     from verl.workers.utils.losses import ppo_loss
 
+    config = FSDPActorConfig(strategy="fsdp2", rollout_n=4, ppo_mini_batch_size=2, ppo_micro_batch_size_per_gpu=2)
+    return partial(ppo_loss, config=config)
+
+
+def two_rank_compare(rank: int, port: int, model_dir: str, out_dir: str, case: dict) -> None:
+    """mp.spawn target (dp=2 over gloo): stock vs reuse on one mini-batch per rank.
+
+    case: `groups_per_rank` {rank: [(prompt_len, [response lengths]), ...]} (make_batch groups),
+    optional `batch_per_rank` {rank: callable(seed) -> TensorDict} instead, and `engine` (build_worker
+    kwargs). Runs a training forward_backward_batch (gradients before the optimizer step) and an
+    infer_batch (log-probs) on both engines; rank 0 writes result.json with the largest relative
+    gradient and log-prob differences and the reuse metrics of both ranks.
+    """
+    import json
+
+    from verl.utils import tensordict_utils as tu
+
     install_cpu_platform()
     init_process_group(rank, 2, port)
-    loss_fn = partial(
-        ppo_loss,
-        config=FSDPActorConfig(strategy="fsdp2", rollout_n=4, ppo_mini_batch_size=2, ppo_micro_batch_size_per_gpu=2),
-    )
-    kwargs = dict(use_dynamic_bsz=True, max_token_len_per_gpu=48, infer_max_token_len_per_gpu=48)
+    engine = dict(use_dynamic_bsz=True, max_token_len_per_gpu=48, infer_max_token_len_per_gpu=48)
+    engine.update(case.get("engine", {}))
+    budget = engine["max_token_len_per_gpu"]
+
+    def batch():
+        maker = case.get("batch_per_rank", {}).get(rank)
+        data = maker(rank) if maker else make_batch(case["groups_per_rank"][rank], seed=rank)
+        flags = dict(use_remove_padding=True, use_dynamic_bsz=True, max_token_len_per_gpu=budget)
+        tu.assign_non_tensor(data, **flags, use_fused_kernels=False)
+        return data
+
     result = {}
     for reuse in (False, True):
-        worker = build_worker(model_dir, reuse=reuse, **kwargs)
-        data = make_batch(groups_per_rank[rank], seed=rank)
-        for key, val in dict(use_remove_padding=True, use_dynamic_bsz=True, max_token_len_per_gpu=48).items():
-            tu.assign_non_tensor(data, **{key: val})
-        engine = worker.engine
-        with engine.train_mode():
-            engine.optimizer_zero_grad()
-            out = engine.forward_backward_batch(data, loss_fn, forward_only=False)
-            grads = {n: p.grad.full_tensor() for n, p in engine.module.named_parameters()}
-        result["reuse" if reuse else "stock"] = (grads, out["metrics"].get("prefix_reuse/groups"))
+        worker = build_worker(model_dir, reuse=reuse, **engine)
+        with worker.engine.train_mode():
+            worker.engine.optimizer_zero_grad()
+            out = worker.engine.forward_backward_batch(batch(), ppo_loss_fn(), forward_only=False)
+            grads = {n: p.grad.full_tensor() for n, p in worker.engine.module.named_parameters()}
+        data = batch()
+        tu.assign_non_tensor(data, compute_loss=False)
+        log_probs = tu.get(worker.infer_batch(data), "log_probs")
+        n_resp = data["responses"].offsets().diff().tolist()
+        # full-length rows; the response part is what verl reads (position t holds token t + 1)
+        response_lps = [lp[len(lp) - n - 1 : len(lp) - 1].clone() for lp, n in zip(log_probs.unbind(), n_resp)]
+        metrics = {k: v for k, v in out["metrics"].items() if k.startswith("prefix_reuse/")}
+        result[reuse] = (grads, response_lps, metrics)
+    (stock, stock_lp, _), (reuse, reuse_lp, metrics) = result[False], result[True]
+    gathered = [None, None]
+    torch.distributed.all_gather_object(gathered, metrics)
+    lp_err = max(float((a - b).abs().max()) if len(a) else 0.0 for a, b in zip(reuse_lp, stock_lp, strict=True))
+    lp_errs = [None, None]
+    torch.distributed.all_gather_object(lp_errs, lp_err)
     if rank == 0:
-        (stock, _), (reuse, groups) = result["stock"], result["reuse"]
         errs = {n: ((reuse[n] - g).abs().max() / g.abs().max()).item() for n, g in stock.items()}
         with open(f"{out_dir}/result.json", "w") as f:
-            json.dump({"max_rel_err": max(errs.values()), "groups_rank0": groups}, f)
+            json.dump(
+                {
+                    "max_rel_err": max(errs.values()),
+                    "groups_rank0": gathered[0].get("prefix_reuse/groups"),
+                    "metrics": gathered,
+                    "max_log_prob_diff": max(lp_errs),
+                },
+                f,
+            )
     torch.distributed.destroy_process_group()
+
+
+def spawn_two_ranks(target, args: tuple, timeout: float = 300.0) -> None:
+    """Run `target(rank, *args)` on two processes; a hang past `timeout` seconds or a failed rank
+    fails the caller (AssertionError), and the processes are killed."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(target, args=args, nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=max(0.1, min(5.0, deadline - time.monotonic()))):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"two-rank run still going after {timeout:.0f} s: a hang")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
 
 
 def load_value_models_with_sdpa() -> None:

@@ -1,0 +1,75 @@
+"""dp=2 ranks whose mini-batches share differently stay in step (FSDP2 over gloo, verl engines).
+
+verl splits a batch across dp ranks by rows and length, not by sharing: one rank may hold groups
+with long shared prompts while the other holds rows that share nothing, or a row the schedule must
+run dense. Every FSDP pass issues collectives, so ranks must run the same passes; each case compares
+gradients (before the optimizer step) and log-probs with the stock engine under a timeout: a hang,
+or gloo's collective-mismatch abort, fails the test.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import verl_support as vs
+
+GRAD_TOL = 2e-5  # fp32, as tests/test_verl_engine.py
+LOG_PROB_TOL = 1e-4  # fp32, absolute, log-probs of about -5
+
+SHARING = [(40, [3, 5, 2, 4]), (38, [6, 1, 3, 2])]  # two groups of 4 rows, ~40-token prompts
+NOTHING_SHARED = [(10 + g, [3 + g % 3]) for g in range(8)]  # 8 rows, one per uid
+
+
+def _empty_response_batch(seed: int):
+    """Rows that share, plus one row whose response is empty: the schedule sends it dense."""
+    gen = torch.Generator().manual_seed(seed)
+    prompts, responses, uids = [], [], []
+    for g, (prompt_len, lengths) in enumerate([(20, [3, 7, 0, 2]), (14, [4, 1, 5, 2])]):
+        prompt = torch.randint(0, vs.VOCAB - 3, (prompt_len,), generator=gen)
+        for n in lengths:
+            prompts.append(prompt)
+            responses.append(torch.randint(0, vs.VOCAB - 3, (n,), generator=gen))
+            uids.append(f"uid-{seed}-{g}")
+    extra = dict(
+        old_log_probs=[-torch.rand(len(r), generator=gen) - 4.5 for r in responses],
+        advantages=[torch.randn(len(r), generator=gen) for r in responses],
+    )
+    return vs.rows_tensordict(prompts, responses, uids, extra)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return vs.save_tiny_qwen3(str(tmp_path_factory.mktemp("actor")))
+
+
+def _run(model_dir, tmp_path, case):
+    vs.spawn_two_ranks(vs.two_rank_compare, (vs.free_port(), model_dir, str(tmp_path), case), timeout=240)
+    return json.loads((tmp_path / "result.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "engine",
+    [{}, {"enable_gradient_checkpointing": True, "prefix_reuse": {"prefix_activations": "recompute"}}],
+    ids=["plain", "checkpointing+recompute"],
+)
+def test_one_rank_shares_the_other_shares_nothing(model_dir, tmp_path, engine):
+    result = _run(model_dir, tmp_path, {"groups_per_rank": {0: SHARING, 1: NOTHING_SHARED}, "engine": engine})
+    rank0, rank1 = result["metrics"]
+    assert rank0["prefix_reuse/groups"] == [2.0] and rank1["prefix_reuse/groups"] == [0.0]
+    assert rank1["prefix_reuse/dense_rows"] == [8.0]
+    assert rank0["prefix_reuse/fallbacks"] == rank1["prefix_reuse/fallbacks"] == [0.0]
+    assert result["max_rel_err"] <= GRAD_TOL
+    assert result["max_log_prob_diff"] <= LOG_PROB_TOL
+
+
+def test_one_rank_must_run_dense(model_dir, tmp_path):
+    """Rank 1's batch has an empty response: both ranks take the dense path together."""
+    # (8 rows per rank: stock verl itself needs as many rows as the other rank has micro-batches)
+    case = {"groups_per_rank": {0: [(20, [3, 5, 2, 4]), (16, [6, 1, 3, 2])]}, "batch_per_rank": {1: _empty_response_batch}}
+    result = _run(model_dir, tmp_path, case)
+    for metrics in result["metrics"]:
+        assert metrics["prefix_reuse/fallbacks"] == [1.0]
+    assert result["max_rel_err"] <= GRAD_TOL
+    assert result["max_log_prob_diff"] <= LOG_PROB_TOL
