@@ -67,7 +67,10 @@ def test_one_rank_shares_the_other_shares_nothing(model_dir, tmp_path, engine):
 def test_one_rank_must_run_dense(model_dir, tmp_path):
     """Rank 1's batch has an empty response: both ranks take the dense path together."""
     # (8 rows per rank: stock verl itself needs as many rows as the other rank has micro-batches)
-    case = {"groups_per_rank": {0: [(20, [3, 5, 2, 4]), (16, [6, 1, 3, 2])]}, "batch_per_rank": {1: _empty_response_batch}}
+    case = {
+        "groups_per_rank": {0: [(20, [3, 5, 2, 4]), (16, [6, 1, 3, 2])]},
+        "batch_per_rank": {1: _empty_response_batch},
+    }
     result = _run(model_dir, tmp_path, case)
     for metrics in result["metrics"]:
         assert metrics["prefix_reuse/fallbacks"] == [1.0]

@@ -176,9 +176,11 @@ def init_process_group(rank: int = 0, world_size: int = 1, port: int | None = No
 VOCAB = 128
 
 
-def save_tiny_qwen3(path: str, seed: int = 0, value_model: bool = False, moe: bool = False) -> str:
+def save_tiny_qwen3(
+    path: str, seed: int = 0, value_model: bool = False, moe: bool = False, **config_overrides: Any
+) -> str:
     """A tiny random Qwen3 (Qwen3-MoE with `moe`) and a word-level tokenizer, saved like a hub
-    checkpoint; no download."""
+    checkpoint; no download. `config_overrides` replace Qwen3Config fields (e.g. hidden_size)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, PreTrainedTokenizerFast, Qwen3Config
 
@@ -211,6 +213,8 @@ def save_tiny_qwen3(path: str, seed: int = 0, value_model: bool = False, moe: bo
             moe_intermediate_size=16,
             decoder_sparse_step=1,
         )
+    for key, value in config_overrides.items():
+        setattr(config, key, value)
     torch.manual_seed(seed)
     if value_model:
         config.num_labels = 1
