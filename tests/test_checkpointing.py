@@ -50,7 +50,8 @@ def test_checkpointed_matches_dense(kind, mode, use_reentrant):
         assert ref.abs().max() > 0, name
         assert rel_err(grads[name], ref) <= FP64_TOL, f"grad {name}: {rel_err(grads[name], ref)}"
     # and the forward-only pass of the same (checkpointed, train-mode) model
-    for a, b in zip(compute_log_probs(model, batch.input_ids, batch.response_start, batch.group_ids), ref_lps):
+    lps = compute_log_probs(model, batch.input_ids, batch.response_start, batch.group_ids)
+    for a, b in zip(lps, ref_lps, strict=True):
         assert rel_err(a, b) <= FP64_TOL
 
 

@@ -99,7 +99,7 @@ def test_bf16_log_probs_and_entropy_within_stock_noise(actor_dir):
         n_resp = data["responses"].offsets().diff().tolist()
 
         def response(x):  # full-length rows; position t holds token t + 1
-            return torch.cat([row[len(row) - n - 1 : len(row) - 1] for row, n in zip(x.unbind(), n_resp)])
+            return torch.cat([row[len(row) - n - 1 : len(row) - 1] for row, n in zip(x.unbind(), n_resp, strict=True)])
 
         return {"log_probs": response(tu.get(out, "log_probs")), "entropy": response(tu.get(out, "entropy"))}
 

@@ -389,7 +389,8 @@ def two_rank_compare(rank: int, port: int, model_dir: str, out_dir: str, case: d
         log_probs = tu.get(worker.infer_batch(data), "log_probs")
         n_resp = data["responses"].offsets().diff().tolist()
         # full-length rows; the response part is what verl reads (position t holds token t + 1)
-        response_lps = [lp[len(lp) - n - 1 : len(lp) - 1].clone() for lp, n in zip(log_probs.unbind(), n_resp)]
+        rows = zip(log_probs.unbind(), n_resp, strict=True)
+        response_lps = [lp[len(lp) - n - 1 : len(lp) - 1].clone() for lp, n in rows]
         metrics = {k: v for k, v in out["metrics"].items() if k.startswith("prefix_reuse/")}
         result[reuse] = (grads, response_lps, metrics)
     (stock, stock_lp, _), (reuse, reuse_lp, metrics) = result[False], result[True]
