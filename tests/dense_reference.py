@@ -75,6 +75,16 @@ def dense_log_probs(model: torch.nn.Module, batch: Batch, temperature: float = 1
     return out
 
 
+def dense_entropies(model: torch.nn.Module, batch: Batch, temperature: float = 1.0) -> list[torch.Tensor]:
+    """Per-row entropies of the tempered next-token distribution at the response positions."""
+    out = []
+    with torch.no_grad():
+        for row, start in zip(batch.input_ids, batch.response_start, strict=True):
+            logits = model(input_ids=row[None], use_cache=False).logits[0, start - 1 : -1] / temperature
+            out.append(-(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1))
+    return out
+
+
 def dense_grads(model: torch.nn.Module, batch: Batch) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
     """Gradients of the batch loss from dense per-row training, and the log-probs it saw."""
     model.zero_grad(set_to_none=True)

@@ -31,16 +31,23 @@ def reward(response: torch.Tensor) -> float:
     return float((response < TARGET).float().mean())
 
 
-def run(model_dir: str, reuse: bool) -> tuple[list[float], dict[str, torch.Tensor], list]:
+def run(model_dir: str, reuse: bool) -> tuple[list[float], dict[str, torch.Tensor], list, list]:
+    # reuse: every update also computes the stock engine's gradient of the same mini-batch from the
+    # same parameters (verify_every=1) and reports the largest relative difference
     worker = vs.build_worker(
-        model_dir, reuse=reuse, use_dynamic_bsz=True, max_token_len_per_gpu=64, infer_max_token_len_per_gpu=64
+        model_dir,
+        reuse=reuse,
+        use_dynamic_bsz=True,
+        max_token_len_per_gpu=64,
+        infer_max_token_len_per_gpu=64,
+        prefix_reuse={"verify_every": 1},
     )
     config = FSDPActorConfig(strategy="fsdp2", rollout_n=GROUP, ppo_mini_batch_size=2, ppo_micro_batch_size_per_gpu=2)
     worker.set_loss_fn(partial(ppo_loss, config=config))
     policy = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa").eval()
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, vs.VOCAB - 3, (n,), generator=gen) for n in PROMPT_LENS]
-    losses, groups = [], []
+    losses, groups, verify = [], [], []
     for step in range(STEPS):
         state = {n: p.full_tensor().detach() for n, p in worker.engine.module.named_parameters()}
         policy.load_state_dict(state)
@@ -75,19 +82,23 @@ def run(model_dir: str, reuse: bool) -> tuple[list[float], dict[str, torch.Tenso
         metrics = tu.get(worker.train_mini_batch(data), "metrics")
         losses.append(float(np.mean(metrics["actor/pg_loss"])))
         groups.append(metrics.get("prefix_reuse/groups"))
+        verify.append(metrics.get("prefix_reuse/verify_max_grad_rel_diff"))
     final = {n: p.full_tensor().detach().clone() for n, p in worker.engine.module.named_parameters()}
-    return losses, final, groups
+    return losses, final, groups, verify
 
 
 def test_grpo_loop_reuse_matches_dense(tmp_path):
     model_dir = vs.save_tiny_qwen3(str(tmp_path))
-    dense_losses, dense_params, dense_groups = run(model_dir, reuse=False)
-    reuse_losses, reuse_params, reuse_groups = run(model_dir, reuse=True)
+    dense_losses, dense_params, dense_groups, _ = run(model_dir, reuse=False)
+    reuse_losses, reuse_params, reuse_groups, verify = run(model_dir, reuse=True)
     assert dense_groups == [None] * STEPS
     assert reuse_groups == [[2.0]] * STEPS  # both prompts' prefixes ran once per update
     assert len(set(dense_losses)) > 1  # the policy moved and the rollouts changed
     np.testing.assert_allclose(reuse_losses, dense_losses, rtol=1e-4, atol=1e-6)
+    # every step: the gradient before the optimizer step equals the stock engine's on the same
+    # parameters and mini-batch (fp32)
+    assert len(verify) == STEPS and all(v is not None and v[0] <= 2e-5 for v in verify), verify
     for name, p in dense_params.items():
-        # AdamW amplifies fp32 rounding on near-zero gradient entries up to ~lr per step
-        assert (reuse_params[name] - p).abs().max() <= 2 * 1e-3 * STEPS, name
+        # the two runs' parameters drift apart only where AdamW amplifies fp32 rounding
+        # (near-zero gradient entries), so on average they stay together
         assert (reuse_params[name] - p).abs().mean() <= 1e-6, name

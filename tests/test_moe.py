@@ -181,11 +181,10 @@ def test_verl_engine_reuse_matches_its_dense_path(vs, dense_remove_padding):
     assert metrics["reuse"]["prefix_reuse/groups"] == [2.0] and "prefix_reuse/groups" not in metrics["dense"]
     assert metrics["reuse"]["prefix_reuse/verify_max_grad_rel_diff"][0] <= 2e-5  # verify runs the dense path too
     assert metrics["reuse"]["grad_norm"] == pytest.approx(metrics["dense"]["grad_norm"], rel=1e-5)
-    lr = 1e-3
     for n, p0 in before.items():
         assert not torch.equal(after["dense"][n], p0), n
         diff = (after["reuse"][n] - after["dense"][n]).abs()
-        # AdamW's first update is lr * g / (|g| + eps): where |g| is within fp32 rounding of zero it
-        # can flip by up to 2 lr; everywhere the gradient is clearly non-zero it must agree
+        # AdamW's first update is lr * g / (|g| + eps): where |g| is within fp32 rounding of zero its
+        # sign is rounding; where the gradient is clearly non-zero it must agree (gradients: above)
         clear = ref[n].abs() > 1e-3 * ref[n].abs().max()
-        assert diff[clear].max() <= 1e-6 and diff.max() <= 2 * lr, n
+        assert diff[clear].max() <= 1e-6, n

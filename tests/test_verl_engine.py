@@ -119,15 +119,14 @@ def test_actor_update_matches_stock(actor_dir, use_remove_padding, use_dynamic_b
     stock_metrics = tu.get(stock.train_mini_batch(vs.make_batch(GROUPS, calculate_entropy=True)), "metrics")
     reuse_metrics = tu.get(reuse.train_mini_batch(vs.make_batch(GROUPS, calculate_entropy=True)), "metrics")
     after_stock, after_reuse = params_of(stock), params_of(reuse)
-    lr = 1e-3
     for name in before:
         assert not torch.equal(after_stock[name], before[name]), name
         diff = (after_reuse[name] - after_stock[name]).abs()
         # AdamW's first update is lr * g / (|g| + eps): where |g| is within fp32 rounding of zero
-        # it can flip by up to 2 lr. Everywhere the gradient is clearly non-zero it must agree.
+        # its sign is rounding; where the gradient is clearly non-zero the update must agree.
+        # (The gradients themselves were compared above, before any optimizer step.)
         clear = ref_grads[name].abs() > 1e-3 * ref_grads[name].abs().max()
         assert diff[clear].max() <= 1e-6, name
-        assert diff.max() <= 2 * lr, name
     assert reuse_metrics["actor/pg_loss"] == pytest.approx(stock_metrics["actor/pg_loss"], rel=1e-4, abs=1e-7)
     assert reuse_metrics["grad_norm"] == pytest.approx(stock_metrics["grad_norm"], rel=1e-5)
     assert reuse_metrics["prefix_reuse/prefix_tokens"] == [19.0 + 13.0]
