@@ -4,7 +4,8 @@ Structures: group sizes 1..16, ragged prompts and responses, rows of one uid who
 diverge, a system prompt shared by several groups (nested sharing), rows shuffled so a group is
 not contiguous, groups split across micro-batches (small token budgets) and across dp ranks (the
 rows split over several schedule calls whose gradients add, as FSDP's reduction does).
-Training: SDPA with every prefix_activations mode; forward-only: SDPA and FlexAttention.
+Training: SDPA with every prefix_activations mode, gradient checkpointing off / reentrant /
+non-reentrant; forward-only: SDPA and FlexAttention.
 
 Profiles: `ci` (default, 40 examples, derandomized) and `long` (500 examples):
 `HYPOTHESIS_PROFILE=long python -m pytest tests/test_fuzz.py`.
@@ -43,6 +44,7 @@ class Structure:
     ranks: int
     budget: int | None  # suffix tokens per micro-batch, or None (no limit)
     mode: str
+    checkpointing: str | None  # None, "reentrant" or "non_reentrant"
     seed: int
 
 
@@ -69,6 +71,7 @@ def structures(draw) -> Structure:
         ranks=draw(st.integers(1, 3)),
         budget=budget,
         mode=draw(st.sampled_from(["keep", "offload", "recompute"])),
+        checkpointing=draw(st.sampled_from([None, "reentrant", "non_reentrant"])),
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -127,9 +130,31 @@ def test_training_matches_dense(structure: Structure):
     )
     seen: dict[int, torch.Tensor] = {}
     net.zero_grad(set_to_none=True)
+    if structure.checkpointing is not None:
+        use_reentrant = structure.checkpointing == "reentrant"
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    try:
+        _reuse_over_ranks(net, batch, config, structure.ranks, seen)
+    finally:
+        net.gradient_checkpointing_disable()
     n = len(batch.input_ids)
-    for rank in range(structure.ranks):  # rank r holds rows r, r + ranks, ...; gradients add
-        mine = list(range(rank, n, structure.ranks))
+    grads = {name: p.grad.detach().clone() for name, p in net.named_parameters()}
+    net.zero_grad(set_to_none=True)
+    assert sorted(seen) == list(range(n))
+    for i in range(n):
+        assert rel_err(seen[i], ref_lps[i]) <= TOL, f"log-probs of row {i}"
+    scale = max(ref.abs().max().item() for ref in ref_grads.values())
+    for name, ref in ref_grads.items():
+        err = grad_err(grads[name], ref, scale)
+        assert err <= TOL, f"grad {name}: {err:.2e}"
+
+
+def _reuse_over_ranks(net, batch: Batch, config: PrefixReuseConfig, ranks: int, seen: dict[int, torch.Tensor]) -> None:
+    """The schedule over the rows split across `ranks` calls (rank r holds rows r, r + ranks, ...);
+    gradients add as FSDP's reduction adds them. Records each row's log-probs into `seen`."""
+    n = len(batch.input_ids)
+    for rank in range(ranks):  # rank r holds rows r, r + ranks, ...; gradients add
+        mine = list(range(rank, n, ranks))
         if not mine:
             continue
         local_seen: dict[int, torch.Tensor] = {}
@@ -149,15 +174,6 @@ def test_training_matches_dense(structure: Structure):
             config,
         )
         seen.update(local_seen)
-    grads = {name: p.grad.detach().clone() for name, p in net.named_parameters()}
-    net.zero_grad(set_to_none=True)
-    assert sorted(seen) == list(range(n))
-    for i in range(n):
-        assert rel_err(seen[i], ref_lps[i]) <= TOL, f"log-probs of row {i}"
-    scale = max(ref.abs().max().item() for ref in ref_grads.values())
-    for name, ref in ref_grads.items():
-        err = grad_err(grads[name], ref, scale)
-        assert err <= TOL, f"grad {name}: {err:.2e}"
 
 
 @given(structures(), st.sampled_from(["sdpa", "flex"]))
