@@ -97,6 +97,13 @@ def test_zero_length_response_names_response_start(model):
 # -- config preflight ----------------------------------------------------------------------------
 
 
+REUSE_ACTOR = (
+    "actor_rollout_ref.actor.prefix_reuse.enable=true",
+    "actor_rollout_ref.actor.strategy=fsdp2",
+    "actor_rollout_ref.ref.strategy=fsdp2",
+)
+
+
 def compose_config(*overrides: str):
     with initialize_config_module(config_module="verl_prefix.configs", version_base=None):
         return compose(config_name="prefix_reuse_ppo", overrides=list(overrides))
@@ -114,6 +121,8 @@ def test_flash_attn_missing_names_the_attention_setting(monkeypatch):
     config = compose_config(
         "actor_rollout_ref.rollout.name=sglang",
         "actor_rollout_ref.actor.prefix_reuse.enable=true",
+        "actor_rollout_ref.actor.strategy=fsdp2",
+        "actor_rollout_ref.ref.strategy=fsdp2",
         "actor_rollout_ref.actor.prefix_reuse.attention=flash_attn",
     )
     with pytest.raises(ValueError, match=r"actor_rollout_ref.actor.prefix_reuse.attention=flash_attn but flash-attn"):
@@ -122,15 +131,28 @@ def test_flash_attn_missing_names_the_attention_setting(monkeypatch):
 
 def test_reuse_on_for_the_actor_but_off_for_the_critic_warns(monkeypatch):
     monkeypatch.setattr(preflight_module, "_installed", lambda m: True)
-    config = compose_config("algorithm.adv_estimator=gae", "actor_rollout_ref.actor.prefix_reuse.enable=true")
+    config = compose_config("algorithm.adv_estimator=gae", *REUSE_ACTOR)
     (line,) = preflight(config)
     assert "critic.prefix_reuse.enable=false" in line and "set critic.prefix_reuse.enable=true" in line
     # GRPO has no critic: nothing to warn about
-    config = compose_config("algorithm.adv_estimator=grpo", "actor_rollout_ref.actor.prefix_reuse.enable=true")
+    config = compose_config("algorithm.adv_estimator=grpo", *REUSE_ACTOR)
     assert preflight(config) == []
     both = compose_config(
-        "algorithm.adv_estimator=gae",
-        "actor_rollout_ref.actor.prefix_reuse.enable=true",
-        "critic.prefix_reuse.enable=true",
+        "algorithm.adv_estimator=gae", *REUSE_ACTOR, "critic.prefix_reuse.enable=true", "critic.strategy=fsdp2"
     )
     assert preflight(both) == []
+
+
+@pytest.mark.parametrize("role", ["actor_rollout_ref.actor", "actor_rollout_ref.ref", "critic"])
+def test_fsdp1_is_refused_with_the_fix(monkeypatch, role):
+    """verl's default strategy is fsdp (FSDP1); the reuse engines are built and tested on FSDP2."""
+    monkeypatch.setattr(preflight_module, "_installed", lambda m: True)
+    overrides = [
+        *REUSE_ACTOR,
+        "algorithm.adv_estimator=gae",
+        "critic.prefix_reuse.enable=true",
+        "critic.strategy=fsdp2",
+    ]
+    config = compose_config(*overrides, f"{role}.strategy=fsdp")
+    with pytest.raises(ValueError, match=rf"needs {role}.strategy=fsdp2 \(got 'fsdp'.*set {role}.strategy=fsdp2"):
+        preflight(config)

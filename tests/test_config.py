@@ -51,6 +51,7 @@ def test_actor_and_critic_configs_instantiate_with_settings_on_engine(tmp_path):
             "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
             "actor_rollout_ref.actor.rollout_n=4",
             "critic.prefix_reuse.enable=true",
+            "critic.strategy=fsdp2",
             "critic.ppo_micro_batch_size_per_gpu=2",
             f"critic.model.path={model_dir}",
             f"critic.model.tokenizer_path={model_dir}",
@@ -78,7 +79,11 @@ def test_switch_off_by_default():
         ("actor_rollout_ref.actor.prefix_reuse.attention=xformers", "prefix_reuse.attention='xformers'"),
         ("actor_rollout_ref.actor.prefix_reuse.prefix_activations=disk", "prefix_reuse.prefix_activations='disk'"),
         ("actor_rollout_ref.actor.prefix_reuse.verify_every=-1", "verify_every=-1"),
-        ("+actor_rollout_ref.actor.prefix_reuse.enabled=true", r"unknown prefix_reuse keys \['enabled'\]"),
+        ("+actor_rollout_ref.actor.prefix_reuse.enabled=true", r"unknown actor_rollout_ref.actor.prefix_reuse keys"),
+        (
+            "actor_rollout_ref.actor.prefix_reuse.enable=true",
+            r"needs actor_rollout_ref.actor.strategy=fsdp2 \(got 'fsdp'",
+        ),
     ],
 )
 def test_bad_settings_name_the_field(override, match):

@@ -8,13 +8,15 @@ travels with the engine config to the worker that builds the engine.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from verl.base_config import BaseConfig
 from verl.workers.config import FSDPActorConfig, FSDPCriticConfig
 
 from ..core import PrefixReuseConfig
-from ..core.config import ATTENTION_BACKENDS, PREFIX_ACTIVATION_MODES
+
+STRATEGIES = ("fsdp2",)  # verl strategies the reuse engines are built and tested for
 
 
 @dataclass
@@ -45,16 +47,7 @@ class PrefixReuseSettings(BaseConfig):
     router_aux_loss_coef: float | None = None
 
     def __post_init__(self) -> None:
-        if self.verify_every < 0:
-            raise ValueError(f"prefix_reuse.verify_every={self.verify_every} must be >= 0 (0 disables it).")
-        if self.attention not in ATTENTION_BACKENDS:
-            raise ValueError(f"prefix_reuse.attention={self.attention!r}: use one of {ATTENTION_BACKENDS}.")
-        if self.prefix_activations not in PREFIX_ACTIVATION_MODES:
-            raise ValueError(
-                f"prefix_reuse.prefix_activations={self.prefix_activations!r}: use one of {PREFIX_ACTIVATION_MODES}."
-            )
-        if self.min_prefix_tokens < 1:
-            raise ValueError(f"prefix_reuse.min_prefix_tokens={self.min_prefix_tokens} must be >= 1.")
+        check_settings(self, "prefix_reuse")
 
     def core_config(self, max_tokens_per_micro_batch: int | None) -> PrefixReuseConfig:
         return PrefixReuseConfig(
@@ -67,18 +60,39 @@ class PrefixReuseSettings(BaseConfig):
         )
 
 
-def as_settings(value) -> PrefixReuseSettings:
-    """Accept a PrefixReuseSettings, a mapping of its keys, or None."""
+def check_settings(values: Mapping, path: str, strategy: str | None = None, strategy_key: str | None = None) -> None:
+    """Raise ValueError naming `path.<key>` and the fix for a bad `prefix_reuse` block (keys as in
+    PrefixReuseSettings). `strategy` is the verl strategy of a role the block applies to, found at
+    `strategy_key` (default: beside the block). The core fields are checked by
+    `PrefixReuseConfig.validate`, the one place they are checked."""
+    known = PrefixReuseSettings.__dataclass_fields__
+    unknown = sorted(set(values) - set(known) - {"_target_"})
+    if unknown:
+        raise ValueError(f"unknown {path} keys {unknown}; known: {sorted(known)}.")
+    verify_every = values.get("verify_every", 0)
+    if verify_every < 0:
+        raise ValueError(f"{path}.verify_every={verify_every} must be >= 0 (0 disables it).")
+    core = {k: values[k] for k in _CORE_FIELDS if k in values}
+    PrefixReuseConfig(max_tokens_per_micro_batch=None, **core).validate(owner=path)
+    if values.get("enable", False) and strategy is not None and strategy not in STRATEGIES:
+        key = strategy_key or path.rsplit(".prefix_reuse", 1)[0] + ".strategy"
+        raise ValueError(
+            f"{path}.enable=true needs {key}=fsdp2 (got {strategy!r}; FSDP1 is not supported with "
+            f"prefix reuse): set {key}=fsdp2, or {path}.enable=false."
+        )
+
+
+_CORE_FIELDS = ("attention", "prefix_activations", "min_prefix_tokens", "router_aux_loss", "router_aux_loss_coef")
+
+
+def as_settings(value, path: str = "prefix_reuse") -> PrefixReuseSettings:
+    """Accept a PrefixReuseSettings, a mapping of its keys, or None (errors name `path`)."""
     if isinstance(value, PrefixReuseSettings):
         return value
     if value is None:
         return PrefixReuseSettings()
     keys = {k: v for k, v in dict(value).items() if k != "_target_"}
-    unknown = set(keys) - set(PrefixReuseSettings.__dataclass_fields__)
-    if unknown:
-        raise ValueError(
-            f"unknown prefix_reuse keys {sorted(unknown)}; known: {sorted(PrefixReuseSettings.__dataclass_fields__)}."
-        )
+    check_settings(keys, path)
     return PrefixReuseSettings(**keys)
 
 
@@ -95,7 +109,8 @@ class PrefixReuseFSDPActorConfig(FSDPActorConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        object.__setattr__(self, "prefix_reuse", as_settings(self.prefix_reuse))
+        object.__setattr__(self, "prefix_reuse", as_settings(self.prefix_reuse, "actor_rollout_ref.actor.prefix_reuse"))
+        check_settings(self.prefix_reuse, "actor_rollout_ref.actor.prefix_reuse", self.strategy)
         attach(self.engine, self.prefix_reuse)
 
 
@@ -107,5 +122,6 @@ class PrefixReuseFSDPCriticConfig(FSDPCriticConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        object.__setattr__(self, "prefix_reuse", as_settings(self.prefix_reuse))
+        object.__setattr__(self, "prefix_reuse", as_settings(self.prefix_reuse, "critic.prefix_reuse"))
+        check_settings(self.prefix_reuse, "critic.prefix_reuse", self.strategy)
         attach(self.engine, self.prefix_reuse)

@@ -11,7 +11,7 @@ import logging
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..core.config import ATTENTION_BACKENDS, PREFIX_ACTIVATION_MODES
+from .config import as_settings, check_settings
 
 logger = logging.getLogger(__name__)
 
@@ -42,17 +42,17 @@ def preflight(config: DictConfig) -> list[str]:
     for path, block in ((ACTOR, actor), (CRITIC, critic)):
         if not block.get("enable", False):
             continue
-        attention = block.get("attention", "sdpa")
-        if attention not in ATTENTION_BACKENDS:
-            raise ValueError(f"{path}.attention={attention!r} is unknown; use one of {ATTENTION_BACKENDS}.")
-        if attention == "flash_attn" and not _installed("flash_attn"):
+        settings = as_settings(block, path)
+        # the reference policy runs on the actor's settings (verl_prefix.backend.workers)
+        roles = ["actor_rollout_ref.actor", "actor_rollout_ref.ref"] if path == ACTOR else ["critic"]
+        for role in roles:
+            key = f"{role}.strategy"
+            check_settings(settings, path, OmegaConf.select(config, key, default=None), key)
+        if block.get("attention", "sdpa") == "flash_attn" and not _installed("flash_attn"):
             raise ValueError(
                 f"{path}.attention=flash_attn but flash-attn is not installed: "
                 "pip install 'verl-prefix[gpu]', or set attention=flex (CUDA) or sdpa."
             )
-        mode = block.get("prefix_activations", "keep")
-        if mode not in PREFIX_ACTIVATION_MODES:
-            raise ValueError(f"{path}.prefix_activations={mode!r} is unknown; use one of {PREFIX_ACTIVATION_MODES}.")
     rollout = OmegaConf.select(config, "actor_rollout_ref.rollout.name", default=None)
     if rollout == "vllm" and not _installed("vllm"):
         raise ValueError(

@@ -41,26 +41,29 @@ class PrefixReuseConfig:
     router_aux_loss: bool = False
     router_aux_loss_coef: float | None = None
 
-    def validate(self) -> None:
-        """Raise ValueError naming the field and the fix for any unsupported value."""
+    def validate(self, owner: str = "PrefixReuseConfig") -> None:
+        """Raise ValueError naming the field (as `owner.field`) and the fix for any unsupported value.
+
+        The one place these fields are checked: verl's `prefix_reuse` blocks validate through it too.
+        """
         if self.attention not in ATTENTION_BACKENDS:
-            raise ValueError(
-                f"PrefixReuseConfig.attention={self.attention!r} is unknown; use one of {ATTENTION_BACKENDS}."
-            )
+            raise ValueError(f"{owner}.attention={self.attention!r} is unknown; use one of {ATTENTION_BACKENDS}.")
         if self.prefix_activations not in PREFIX_ACTIVATION_MODES:
             raise ValueError(
-                f"PrefixReuseConfig.prefix_activations={self.prefix_activations!r} is unknown; "
+                f"{owner}.prefix_activations={self.prefix_activations!r} is unknown; "
                 f"use one of {PREFIX_ACTIVATION_MODES}."
             )
         if self.max_tokens_per_micro_batch is not None and self.max_tokens_per_micro_batch < 1:
             raise ValueError(
-                f"PrefixReuseConfig.max_tokens_per_micro_batch={self.max_tokens_per_micro_batch} must be "
+                f"{owner}.max_tokens_per_micro_batch={self.max_tokens_per_micro_batch} must be "
                 ">= 1 (or None for no limit)."
             )
         if self.min_prefix_tokens < 1:
-            raise ValueError(f"PrefixReuseConfig.min_prefix_tokens={self.min_prefix_tokens} must be >= 1.")
+            raise ValueError(f"{owner}.min_prefix_tokens={self.min_prefix_tokens} must be >= 1.")
         if not self.temperature > 0:
-            raise ValueError(f"PrefixReuseConfig.temperature={self.temperature} must be > 0.")
+            raise ValueError(f"{owner}.temperature={self.temperature} must be > 0.")
+        if self.router_aux_loss_coef is not None and not self.router_aux_loss_coef >= 0:
+            raise ValueError(f"{owner}.router_aux_loss_coef={self.router_aux_loss_coef} must be >= 0 (or None).")
 
 
 @dataclass
