@@ -75,3 +75,31 @@ def test_router_aux_loss_refuses_reentrant_checkpointing():
     config = PrefixReuseConfig(router_aux_loss=True, router_aux_loss_coef=0.1)
     with pytest.raises(ValueError, match="use_reentrant"):
         forward_backward(model, batch.input_ids, batch.response_start, batch.group_ids, batch.loss_fn(), config)
+
+
+@pytest.mark.parametrize("checkpointing", [None, "non_reentrant", "reentrant"])
+@pytest.mark.parametrize("mode", ["keep", "offload", "recompute"])
+def test_attention_dropout_masks_are_replayed(mode, checkpointing):
+    """With attention dropout, every activation mode and checkpointing setting draws and replays the
+    same masks: Phase C's recompute restores Phase A's RNG state, and checkpoint recomputes restore
+    theirs. Dense training draws its masks in another layout, so the reference is the schedule
+    itself in `keep` mode without checkpointing, where forward and backward share one graph."""
+    batch = make_batch(GROUPS, seed=8)
+    model = build("qwen3", torch.float64, attention_dropout=0.3)
+    config = PrefixReuseConfig(max_tokens_per_micro_batch=BUDGET)
+
+    def grads(config, checkpointing):
+        if checkpointing is not None:
+            _checkpointed(model, use_reentrant=checkpointing == "reentrant")
+        torch.manual_seed(123)
+        try:
+            return _reuse_grads(model, batch, config)[0]
+        finally:
+            model.gradient_checkpointing_disable()
+
+    ref = grads(config, None)
+    no_dropout, _ = dense_grads(build("qwen3", torch.float64), batch)
+    assert max(rel_err(ref[n], g) for n, g in no_dropout.items()) > 1e-2  # dropout is really on
+    config.prefix_activations = mode
+    for name, g in grads(config, checkpointing).items():
+        assert rel_err(g, ref[name]) <= FP64_TOL, name

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from verl_prefix.core import memory
-from verl_prefix.core.memory import copy_keeping_strides
+from verl_prefix.core.memory import copy_keeping_strides, derived_from_parameter
 
 
 class FakeAllocator:
@@ -73,3 +73,29 @@ def test_copy_keeping_strides(make) -> None:
     torch.testing.assert_close(out, t, rtol=0, atol=0)
     overlapping = any(st == 0 for sz, st in zip(t.size(), t.stride(), strict=True) if sz > 1)
     assert out.stride() == (out.contiguous().stride() if overlapping else t.stride())
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_offload_leaves_parameters_where_they_are(autocast):
+    """`prefix_activations=offload` copies saved activations to the host, never weights: Linear saves
+    `weight.t()` (under autocast a bf16 cast of it); MoE experts save a slice of a stacked weight."""
+    linear = torch.nn.Linear(8, 8)
+    experts = torch.nn.Parameter(torch.randn(4, 8, 8))
+    x = torch.randn(3, 8, requires_grad=True) * 2  # an activation (not a leaf)
+    saved: list[torch.Tensor] = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = linear(x)
+            z = y @ experts[1]
+    flagged = [derived_from_parameter(t) for t in saved]
+    weights = [t for t, f in zip(saved, flagged, strict=True) if f]
+    activations = [t for t, f in zip(saved, flagged, strict=True) if not f]
+    assert len(weights) == 2 and len(activations) == 2, [t.shape for t in saved]
+    assert all(t.shape == (8, 8) for t in weights)
+    assert any(t.shape == (3, 8) and t.dtype == y.dtype for t in activations)  # y, saved for the second matmul
+    assert z.requires_grad

@@ -94,7 +94,8 @@ def test_checkpoint_save_and_resume_matches_reuse_off(tmp_path):
 
 def test_unsupported_settings_name_their_reason(tmp_path, monkeypatch):
     """The dense-fallback triggers that cannot run end to end here (Ulysses SP needs more ranks than
-    a CPU test has; verl builds padded batches only with pad_mode != no_padding): the check on the
+    a CPU test has; verl builds padded batches only with pad_mode != no_padding; position ids other
+    than 0..len-1 per row come from multi-dimensional RoPE or custom datasets): the check on the
     real engine and real batch names each one, and a clean batch passes."""
     from verl_prefix.backend.engine import unsupported_reason
 
@@ -107,6 +108,9 @@ def test_unsupported_settings_name_their_reason(tmp_path, monkeypatch):
     padded = data.clone()
     padded["input_ids"] = data["input_ids"].to_padded_tensor(0)
     assert unsupported_reason(reuse.engine, padded) == "padded input_ids (pad_mode != no_padding)"
+    shifted = data.clone()
+    shifted["position_ids"] = vs.nested([torch.arange(len(r)) + 3 for r in data["input_ids"].unbind()])
+    assert unsupported_reason(reuse.engine, shifted).startswith("position_ids that are not 0..len-1")
     tu.assign_non_tensor(data, use_fused_kernels=True)
     assert unsupported_reason(reuse.engine, data) == "use_fused_kernels"
 

@@ -32,6 +32,8 @@ CONFIGS = {
     "llama": lambda: LlamaConfig(**_COMMON),
     "qwen2": lambda: Qwen2Config(**_COMMON),  # q/k/v biases
     "qwen3": lambda: Qwen3Config(**_COMMON, head_dim=8),  # qk-norm
+    # tied input/output embeddings: one weight gets the lm_head's and the embedding's gradient
+    "qwen3_tied": lambda: Qwen3Config(**{**_COMMON, "tie_word_embeddings": True}, head_dim=8),
     "qwen3_moe": lambda: Qwen3MoeConfig(
         **{**_COMMON, "intermediate_size": 48},
         head_dim=8,
@@ -74,10 +76,13 @@ def keep_input_dtype(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def build(kind: str, dtype: torch.dtype = torch.float64, seed: int = 0) -> torch.nn.Module:
-    """A tiny random `kind` causal LM in `dtype`, train mode, SDPA attention, eager experts."""
+def build(kind: str, dtype: torch.dtype = torch.float64, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A tiny random `kind` causal LM in `dtype`, train mode, SDPA attention, eager experts;
+    `overrides` replace config fields (e.g. attention_dropout)."""
     torch.manual_seed(seed)
     config = CONFIGS[kind]()
+    for key, value in overrides.items():
+        setattr(config, key, value)
     kwargs = {"attn_implementation": "sdpa"}
     if kind == "qwen3_moe":
         kwargs["experts_implementation"] = "eager"  # grouped_mm refuses fp64

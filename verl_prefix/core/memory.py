@@ -119,24 +119,69 @@ def copy_keeping_strides(
     return out
 
 
+# views and casts that keep "this is a weight": Linear saves weight.t(), autocast a cast copy, MoE
+# experts a slice of a stacked parameter
+_VIEW_OR_CAST_NODES = frozenset(
+    {
+        "AliasBackward0",
+        "ExpandBackward0",
+        "PermuteBackward0",
+        "SelectBackward0",
+        "SliceBackward0",
+        "TBackward0",
+        "ToCopyBackward0",
+        "TransposeBackward0",
+        "UnsafeViewBackward0",
+        "ViewBackward0",
+    }
+)
+
+
+def derived_from_parameter(t: torch.Tensor) -> bool:
+    """True for a leaf that requires grad (a parameter; under FSDP the unsharded one) and for views
+    or dtype casts of one (Linear saves `weight.t()`, autocast saves a cast copy). Such tensors are
+    the model's weights, not activations: copying them to the host would move parameters."""
+    if t.is_leaf:
+        return t.requires_grad
+    node = t.grad_fn
+    while node is not None and type(node).__name__ in _VIEW_OR_CAST_NODES:
+        node = node.next_functions[0][0] if node.next_functions else None
+    return node is not None and type(node).__name__ == "AccumulateGrad"
+
+
 @contextlib.contextmanager
 def saved_tensors_on_cpu(pin_memory: bool) -> Iterator[None]:
-    """Like torch.autograd.graph.save_on_cpu, but a saved tensor comes back with its strides.
+    """Like torch.autograd.graph.save_on_cpu, but a saved tensor comes back with its strides,
+    parameters stay where they are, and on CUDA the copies run on a side stream.
 
     Compiled backward kernels (FlexAttention's, any torch.compile'd region) assert the strides of
-    their saved inputs; save_on_cpu returns contiguous copies, which they reject.
+    their saved inputs; save_on_cpu returns contiguous copies, which they reject. The device-to-host
+    copy of an activation goes to pinned memory on a side stream, so compute does not wait for it;
+    the activation's memory is held for that stream until the copy is done (`record_stream`), and
+    the copy is waited for before it is read back.
     """
+    stream = torch.cuda.Stream() if pin_memory and torch.cuda.is_available() else None
 
-    def pack(t: torch.Tensor) -> tuple[torch.device | None, torch.Tensor]:
-        if t.device.type == "cpu":
-            return None, t
-        return t.device, copy_keeping_strides(t, "cpu", pin_memory=pin_memory)
+    def pack(t: torch.Tensor):
+        if t.device.type == "cpu" or derived_from_parameter(t):
+            return None, t, None
+        if stream is None:
+            return t.device, copy_keeping_strides(t, "cpu", pin_memory=pin_memory), None
+        stream.wait_stream(torch.cuda.current_stream(t.device))
+        with torch.cuda.stream(stream):
+            cpu = copy_keeping_strides(t, "cpu", pin_memory=True, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
+        t.record_stream(stream)
+        return t.device, cpu, done
 
-    def unpack(packed: tuple[torch.device | None, torch.Tensor]) -> torch.Tensor:
-        device, cpu = packed
+    def unpack(packed) -> torch.Tensor:
+        device, saved, done = packed
         if device is None:
-            return cpu
-        return copy_keeping_strides(cpu, device, non_blocking=cpu.is_pinned())
+            return saved
+        if done is not None:
+            done.synchronize()
+        return copy_keeping_strides(saved, device, non_blocking=saved.is_pinned())
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         yield
