@@ -1,4 +1,4 @@
-"""Plain dense training of the same rows: one stock HF forward per row, no schedule code involved."""
+"""Test batches and the dense reference: `verl_prefix.dense` (the stock model, no schedule code)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from verl_prefix.dense import dense_forward_backward
 
 VOCAB = 97
 
@@ -64,35 +66,38 @@ def make_batch(
     return Batch(rows, starts, gids, weights)
 
 
+def _one_row_each(batch: Batch) -> list[list[int]]:
+    # Unpadded rows, as verl's packed layout runs them: a padded batch would send a non-finite
+    # gradient into masked (padding, future) keys through 0 * inf in the softmax backward.
+    return [[i] for i in range(len(batch.input_ids))]
+
+
 def dense_log_probs(model: torch.nn.Module, batch: Batch, temperature: float = 1.0) -> list[torch.Tensor]:
-    """Per-row response log-probs from a stock forward (grad enabled if the caller allows)."""
-    out = []
-    for row, start in zip(batch.input_ids, batch.response_start, strict=True):
-        logits = model(input_ids=row[None], use_cache=False).logits[0, start - 1 : -1]
-        if logits.dtype in (torch.float16, torch.bfloat16):
-            logits = logits.float()
-        out.append(torch.log_softmax(logits / temperature, dim=-1).gather(-1, row[start:, None])[:, 0])
-    return out
+    """Per-row response log-probs from the stock forward (no backward)."""
+    rows, starts = batch.input_ids, batch.response_start
+    with torch.no_grad():
+        return dense_forward_backward(model, rows, starts, partition=_one_row_each(batch), temperature=temperature)[0]
 
 
 def dense_entropies(model: torch.nn.Module, batch: Batch, temperature: float = 1.0) -> list[torch.Tensor]:
     """Per-row entropies of the tempered next-token distribution at the response positions."""
-    out = []
+    rows, starts = batch.input_ids, batch.response_start
     with torch.no_grad():
-        for row, start in zip(batch.input_ids, batch.response_start, strict=True):
-            logits = model(input_ids=row[None], use_cache=False).logits[0, start - 1 : -1] / temperature
-            out.append(-(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1))
-    return out
+        out = dense_forward_backward(
+            model, rows, starts, partition=_one_row_each(batch), temperature=temperature, entropy=True
+        )
+    return out[1]
 
 
 def dense_grads(model: torch.nn.Module, batch: Batch) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
-    """Gradients of the batch loss from dense per-row training, and the log-probs it saw."""
+    """Gradients of the batch loss from dense training (each row its own micro-batch, unpadded), and
+    the log-probs it saw."""
     model.zero_grad(set_to_none=True)
-    log_probs = dense_log_probs(model, batch)
-    batch.loss_fn()(list(range(len(log_probs))), log_probs).backward()
+    rows, starts = batch.input_ids, batch.response_start
+    log_probs, _, _ = dense_forward_backward(model, rows, starts, batch.loss_fn(), partition=_one_row_each(batch))
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    return grads, [lp.detach() for lp in log_probs]
+    return grads, log_probs
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -118,22 +123,10 @@ def dense_moe_grads(
     padded, attention_mask), loss_fn + coef * transformers' load_balancing_loss_func (the model's
     own `aux_loss` output). Returns the gradients and each micro-batch's aux loss."""
     model.zero_grad(set_to_none=True)
-    aux_values = []
-    for rows in micro_batches:
-        width = max(len(batch.input_ids[r]) for r in rows)
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for k, r in enumerate(rows):
-            ids[k, : len(batch.input_ids[r])] = batch.input_ids[r]
-            mask[k, : len(batch.input_ids[r])] = 1
-        out = model(input_ids=ids, attention_mask=mask, output_router_logits=True, use_cache=False)
-        log_probs = []
-        for k, r in enumerate(rows):
-            start, n = batch.response_start[r], len(batch.input_ids[r])
-            logits = out.logits[k, start - 1 : n - 1]
-            log_probs.append(torch.log_softmax(logits, dim=-1).gather(-1, batch.input_ids[r][start:, None])[:, 0])
-        aux_values.append(out.aux_loss.item())
-        (batch.loss_fn()(list(rows), log_probs) + coef * out.aux_loss).backward()
+    rows, starts = batch.input_ids, batch.response_start
+    _, _, aux = dense_forward_backward(
+        model, rows, starts, batch.loss_fn(), partition=micro_batches, router_aux_loss_coef=coef
+    )
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    return grads, aux_values
+    return grads, aux

@@ -76,3 +76,32 @@ def test_one_rank_must_run_dense(model_dir, tmp_path):
         assert metrics["prefix_reuse/fallbacks"] == [1.0]
     assert result["max_rel_err"] <= GRAD_TOL
     assert result["max_log_prob_diff"] <= LOG_PROB_TOL
+
+
+def _refused_on_one_rank(rank: int, port: int, out_dir: str) -> None:
+    """mp target: rank 0's batch has a suffix over the token budget; rank 1's is fine."""
+    from tiny_models import build
+
+    from verl_prefix.core import PrefixReuseConfig, ScheduleRuntime, forward_backward
+
+    vs.init_process_group(rank, 2, port)
+    model = build("qwen3", torch.float32)
+    rows = [torch.arange(1, 30 if rank == 0 else 12)] * 2
+    config = PrefixReuseConfig(max_tokens_per_micro_batch=16)
+    runtime = ScheduleRuntime(group=torch.distributed.group.WORLD)
+    try:
+        forward_backward(
+            model, rows, [8, 8], [0, 0], lambda i, lps: sum(lp.sum() for lp in lps), config, runtime=runtime
+        )
+        message = "no error"
+    except ValueError as exc:
+        message = str(exc)
+    with open(f"{out_dir}/rank{rank}.txt", "w") as f:
+        f.write(message)
+    torch.distributed.destroy_process_group()
+
+
+def test_a_batch_refused_on_one_rank_fails_every_rank_without_a_hang(tmp_path):
+    vs.spawn_two_ranks(_refused_on_one_rank, (vs.free_port(), str(tmp_path)), timeout=120)
+    assert "raise max_tokens_per_micro_batch" in (tmp_path / "rank0.txt").read_text()
+    assert "another data-parallel rank's batch was refused" in (tmp_path / "rank1.txt").read_text()

@@ -6,44 +6,39 @@ import types
 
 import torch
 import torch.nn.functional as F
-from transformers import (
-    AutoModelForCausalLM,
-    LlamaConfig,
-    Qwen2Config,
-    Qwen3Config,
-    Qwen3MoeConfig,
-)
+
+from verl_prefix.random_models import model_config, random_model
 
 VOCAB = 97
 
-_COMMON = dict(
-    vocab_size=VOCAB,
+_DIMS = dict(
     hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,  # GQA
     intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,  # GQA
-    max_position_embeddings=256,
-    tie_word_embeddings=False,
+    vocab_size=VOCAB,
+    max_positions=256,
     attention_dropout=0.0,
 )
 
-CONFIGS = {
-    "llama": lambda: LlamaConfig(**_COMMON),
-    "qwen2": lambda: Qwen2Config(**_COMMON),  # q/k/v biases
-    "qwen3": lambda: Qwen3Config(**_COMMON, head_dim=8),  # qk-norm
+# name -> (verl_prefix.random_models family, config overrides)
+MODELS = {
+    "llama": ("llama", {}),
+    "qwen2": ("qwen2", {}),  # q/k/v biases
+    "qwen3": ("qwen3", {}),  # qk-norm, head_dim 8
     # tied input/output embeddings: one weight gets the lm_head's and the embedding's gradient
-    "qwen3_tied": lambda: Qwen3Config(**{**_COMMON, "tie_word_embeddings": True}, head_dim=8),
-    "qwen3_moe": lambda: Qwen3MoeConfig(
-        **{**_COMMON, "intermediate_size": 48},
-        head_dim=8,
-        num_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=16,
-        decoder_sparse_step=1,
-        output_router_logits=False,
-    ),
+    "qwen3_tied": ("qwen3", {"tie_word_embeddings": True}),
+    "qwen3_moe": ("qwen3_moe", {"num_experts": 4, "moe_intermediate_size": 16, "output_router_logits": False}),
 }
+
+
+def _config_of(kind: str):
+    family, overrides = MODELS[kind]
+    return lambda: model_config(family, **{**_DIMS, **overrides})
+
+
+CONFIGS = {kind: _config_of(kind) for kind in MODELS}
 
 
 def _rms_norm_same_dtype(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -79,19 +74,14 @@ def keep_input_dtype(model: torch.nn.Module) -> torch.nn.Module:
 def build(kind: str, dtype: torch.dtype = torch.float64, seed: int = 0, **overrides) -> torch.nn.Module:
     """A tiny random `kind` causal LM in `dtype`, train mode, SDPA attention, eager experts;
     `overrides` replace config fields (e.g. attention_dropout)."""
-    torch.manual_seed(seed)
     config = CONFIGS[kind]()
     for key, value in overrides.items():
         setattr(config, key, value)
-    kwargs = {"attn_implementation": "sdpa"}
-    if kind == "qwen3_moe":
-        kwargs["experts_implementation"] = "eager"  # grouped_mm refuses fp64
-    model = AutoModelForCausalLM.from_config(config, **kwargs).to(dtype)
+    model = random_model(config, dtype, seed=seed)
     # from_config leaves some weights at zero/one; spread them so every path carries gradient.
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    model.train()
     if dtype == torch.float64:
         keep_input_dtype(model)
     return model

@@ -182,39 +182,30 @@ def save_tiny_qwen3(
     """A tiny random Qwen3 (Qwen3-MoE with `moe`) and a word-level tokenizer, saved like a hub
     checkpoint; no download. `config_overrides` replace Qwen3Config fields (e.g. hidden_size)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, PreTrainedTokenizerFast, Qwen3Config
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, PreTrainedTokenizerFast
+
+    from verl_prefix.random_models import model_config
 
     vocab = {f"t{i}": i for i in range(VOCAB - 3)} | {"<pad>": VOCAB - 3, "<eos>": VOCAB - 2, "<unk>": VOCAB - 1}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
     fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
-    config = Qwen3Config(
-        vocab_size=VOCAB,
+    dims = dict(
         hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
         intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        pad_token_id=VOCAB - 3,
-        eos_token_id=VOCAB - 2,
-        bos_token_id=VOCAB - 2,
+        vocab_size=VOCAB,
+        max_positions=512,
     )
+    fields = dict(pad_token_id=VOCAB - 3, eos_token_id=VOCAB - 2, bos_token_id=VOCAB - 2)
     if moe:
-        from transformers import Qwen3MoeConfig
-
-        config = Qwen3MoeConfig(
-            **{k: v for k, v in config.to_dict().items() if k in Qwen3MoeConfig().to_dict() and k != "model_type"},
-            num_experts=4,
-            num_experts_per_tok=2,
-            moe_intermediate_size=16,
-            decoder_sparse_step=1,
-        )
+        fields.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
     for key, value in config_overrides.items():
-        setattr(config, key, value)
+        (dims if key in dims else fields)[key] = value
+    config = model_config("qwen3_moe" if moe else "qwen3", **dims, **fields)
     torch.manual_seed(seed)
     if value_model:
         config.num_labels = 1

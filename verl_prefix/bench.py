@@ -18,10 +18,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .core import PrefixReuseConfig, forward_backward, token_log_probs
+from .core import PrefixReuseConfig, forward_backward
 from .core.attention import check_backend
 from .core.flops import FlopModel
 from .core.memory import current_bytes, phase_peak
+from .dense import dense_forward_backward
 from .random_models import SHAPES, model_config, random_model, shaped_config
 
 MODELS = ("tiny", *SHAPES)
@@ -154,31 +155,6 @@ def policy_loss(advantages: list[torch.Tensor], total_tokens: int):
     return loss_fn
 
 
-def dense_step(
-    model, rows, starts, loss_fn, max_tokens: int | None, temperature: float = 1.0, logits: str = "all"
-) -> None:
-    """Stock dense forward/backward over equal-length rows in micro-batches (None: one micro-batch).
-
-    logits="all" computes the lm_head at every position (verl's engines do); "response" only at
-    the positions whose logits are read (`logits_to_keep`), the cheapest dense baseline.
-    """
-    if logits not in ("all", "response"):
-        raise ValueError(f"BenchConfig.dense_logits={logits!r} is unknown; use 'all' or 'response'.")
-    per_mb = max(1, max_tokens // len(rows[0])) if max_tokens else len(rows)
-    for lo in range(0, len(rows), per_mb):
-        idx = list(range(lo, min(lo + per_mb, len(rows))))
-        batch = torch.stack([rows[i] for i in idx])
-        keep = 0 if logits == "all" else len(rows[idx[0]]) - min(starts[i] for i in idx) + 1
-        out = model(input_ids=batch, use_cache=False, logits_to_keep=keep).logits
-        offset = batch.shape[1] - out.shape[1]  # position of out[:, 0]
-        log_probs = []
-        for k, i in enumerate(idx):
-            lp, _ = token_log_probs(out[k, starts[i] - 1 - offset : -1], rows[i][starts[i] :], temperature)
-            log_probs.append(lp)
-        del out
-        loss_fn(idx, log_probs).backward()
-
-
 def _timed(fn: Callable[[], None], device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -214,7 +190,9 @@ def run_bench(cfg: BenchConfig, progress=None, model: torch.nn.Module | None = N
 
     def run_dense() -> None:
         with phase_peak(device, dense_peak, "dense"):
-            dense_step(model, rows, starts, loss_fn, cfg.max_tokens_per_micro_batch, logits=cfg.dense_logits)
+            dense_forward_backward(
+                model, rows, starts, loss_fn, cfg.max_tokens_per_micro_batch, logits=cfg.dense_logits
+            )
 
     def run_reuse() -> None:
         stats_holder["stats"] = forward_backward(model, rows, starts, uids, loss_fn, config)
@@ -300,7 +278,7 @@ def _one_step(cfg: BenchConfig, model, rows, starts, uids, loss_fn, reuse: bool)
         )
         forward_backward(model, rows, starts, uids, loss_fn, config)
     else:
-        dense_step(model, rows, starts, loss_fn, None, logits=cfg.dense_logits)
+        dense_forward_backward(model, rows, starts, loss_fn, None, logits=cfg.dense_logits)
 
 
 def _most_rows(fits: Callable[[int], bool], limit: int) -> tuple[int, bool]:

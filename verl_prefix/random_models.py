@@ -28,8 +28,10 @@ def model_config(
     intermediate_size: int = 768,
     vocab_size: int = 8192,
     max_positions: int = 32768,
+    **overrides,
 ) -> PretrainedConfig:
-    """A decoder config of the given family and dims (GQA when num_kv_heads < num_heads)."""
+    """A decoder config of the given family and dims (GQA when num_kv_heads < num_heads);
+    `overrides` set any other config field (e.g. tie_word_embeddings, num_experts)."""
     common = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -41,13 +43,13 @@ def model_config(
         tie_word_embeddings=False,
     )
     if family == "qwen3":
-        return Qwen3Config(**common, head_dim=hidden_size // num_heads)
-    if family == "llama":
-        return LlamaConfig(**common)
-    if family == "qwen2":
-        return Qwen2Config(**common)
-    if family == "qwen3_moe":
-        return Qwen3MoeConfig(
+        config = Qwen3Config(**common, head_dim=hidden_size // num_heads)
+    elif family == "llama":
+        config = LlamaConfig(**common)
+    elif family == "qwen2":
+        config = Qwen2Config(**common)
+    elif family == "qwen3_moe":
+        config = Qwen3MoeConfig(
             **common,
             head_dim=hidden_size // num_heads,
             num_experts=8,
@@ -55,7 +57,11 @@ def model_config(
             moe_intermediate_size=intermediate_size // 4,
             decoder_sparse_step=1,
         )
-    raise ValueError(f"family={family!r} is unknown; use one of {FAMILIES}.")
+    else:
+        raise ValueError(f"family={family!r} is unknown; use one of {FAMILIES}.")
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
 
 
 def random_model(

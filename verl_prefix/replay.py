@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .core import PrefixReuseConfig, forward_backward, token_log_probs
+from .core import PrefixReuseConfig, forward_backward
+from .dense import dense_forward_backward
 from .random_models import model_config, random_model
 
 TRACE_SCHEMA = "verl-prefix/trace/1"
@@ -103,7 +104,7 @@ def generate_trace(cfg: ReplayConfig, model: torch.nn.Module | None = None) -> d
                 uids.append(f"step{s}-prompt{p}")
                 advantages.append(torch.full((n,), float(scores[g]), dtype=torch.float32))
         with torch.no_grad():
-            old = _dense_log_probs(model, rows, starts, cfg.max_tokens_per_micro_batch)
+            old, _, _ = dense_forward_backward(model, rows, starts, None, cfg.max_tokens_per_micro_batch)
         steps.append(
             {
                 "input_ids": rows,
@@ -142,41 +143,6 @@ def load_trace(path: str | Path) -> dict:
 
 
 # Training
-
-
-def _micro_batches(lengths: Sequence[int], budget: int) -> list[list[int]]:
-    """Consecutive rows packed greedily under `budget` tokens (a longer row goes alone)."""
-    batches, current, used = [], [], 0
-    for i, n in enumerate(lengths):
-        if current and used + n > budget:
-            batches.append(current)
-            current, used = [], 0
-        current.append(i)
-        used += n
-    if current:
-        batches.append(current)
-    return batches
-
-
-def _dense_log_probs(model, rows, starts, budget: int, loss_fn=None) -> list[torch.Tensor]:
-    """Right-padded dense micro-batches; with `loss_fn`, backpropagate each micro-batch's loss."""
-    out: list[torch.Tensor] = [torch.empty(0)] * len(rows)
-    for idx in _micro_batches([len(r) for r in rows], budget):
-        width = max(len(rows[i]) for i in idx)
-        ids = torch.zeros(len(idx), width, dtype=torch.long)
-        mask = torch.zeros(len(idx), width, dtype=torch.long)
-        for k, i in enumerate(idx):
-            ids[k, : len(rows[i])] = rows[i]
-            mask[k, : len(rows[i])] = 1
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        log_probs = []
-        for k, i in enumerate(idx):
-            lp, _ = token_log_probs(logits[k, starts[i] - 1 : len(rows[i]) - 1], rows[i][starts[i] :], 1.0)
-            log_probs.append(lp)
-            out[i] = lp.detach()
-        if loss_fn is not None:
-            loss_fn(idx, log_probs).backward()
-    return out
 
 
 def ppo_loss(step: Step, clip_ratio: float, losses: list[float]):
@@ -233,8 +199,8 @@ def run_replay(trace: dict, cfg: ReplayConfig, progress: bool = False) -> Replay
         reuse_opt.zero_grad(set_to_none=True)
 
         t0 = time.perf_counter()
-        _dense_log_probs(
-            dense_model, rows, starts, cfg.max_tokens_per_micro_batch, ppo_loss(step, cfg.clip_ratio, dense_losses)
+        dense_forward_backward(
+            dense_model, rows, starts, ppo_loss(step, cfg.clip_ratio, dense_losses), cfg.max_tokens_per_micro_batch
         )
         t1 = time.perf_counter()
         forward_backward(reuse_model, rows, starts, step["uids"], ppo_loss(step, cfg.clip_ratio, reuse_losses), config)

@@ -173,10 +173,20 @@ class _Step:
 def _start(model, input_ids, response_start, group_ids, config, runtime, readout, row_temperature, needs_grad):
     config = config or PrefixReuseConfig()
     runtime = runtime or ScheduleRuntime()
-    rows, device = _validate(model, input_ids, response_start, group_ids, config, needs_grad, readout)
-    _check_row_temperature(row_temperature, len(rows))
-    plan = make_plan(rows, response_start, group_ids, config.max_tokens_per_micro_batch, config.min_prefix_tokens)
-    chunks, micro_batches = runtime.agreed_counts([len(plan.prefix_chunks), len(plan.micro_batches)], device)
+    device = _model_device(model)
+    error: ValueError | None = None
+    try:
+        rows, device = _validate(model, input_ids, response_start, group_ids, config, needs_grad, readout)
+        _check_row_temperature(row_temperature, len(rows))
+        plan = make_plan(rows, response_start, group_ids, config.max_tokens_per_micro_batch, config.min_prefix_tokens)
+        counts = [len(plan.prefix_chunks), len(plan.micro_batches)]
+    except ValueError as exc:  # every rank learns of it below: the others must not wait in a collective
+        error, counts = exc, [0, 0]
+    chunks, micro_batches, failed = runtime.agreed_counts([*counts, error is not None], device)
+    if error is not None:
+        raise error
+    if failed:
+        raise ValueError("another data-parallel rank's batch was refused by the schedule (its error says why).")
     refs = {g: PrefixRef(*ref) for g, ref in plan.prefix_refs().items()}
     return _Step(
         model,
@@ -466,6 +476,11 @@ def _new_stats(
         dense_tokens=sum(len(r) for r in rows),
         flop_bound=flops.training_ratio(prefix_lens, suffix_lens, recompute=config.prefix_activations == "recompute"),
     )
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
 
 
 def _check_hooked(model: torch.nn.Module, layers_seen: int) -> None:
