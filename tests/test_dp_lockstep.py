@@ -64,6 +64,16 @@ def test_one_rank_shares_the_other_shares_nothing(model_dir, tmp_path, engine):
     assert result["max_log_prob_diff"] <= LOG_PROB_TOL
 
 
+def test_critic_one_rank_shares_the_other_shares_nothing(tmp_path):
+    """The same for verl's critic: value-loss gradients and forward-only values."""
+    critic_dir = vs.save_tiny_qwen3(str(tmp_path / "critic"), seed=1, value_model=True)
+    case = {"groups_per_rank": {0: SHARING, 1: NOTHING_SHARED}, "critic": True}
+    result = _run(critic_dir, tmp_path, case)
+    assert result["metrics"][0]["prefix_reuse/groups"] == [2.0]
+    assert result["max_rel_err"] <= GRAD_TOL
+    assert result["max_log_prob_diff"] <= LOG_PROB_TOL  # here: values
+
+
 def test_one_rank_must_run_dense(model_dir, tmp_path):
     """Rank 1's batch has an empty response: both ranks take the dense path together."""
     # (8 rows per rank: stock verl itself needs as many rows as the other rank has micro-batches)

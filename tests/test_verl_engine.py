@@ -195,11 +195,15 @@ def test_reuse_off_is_stock(actor_dir):
     assert not any(k.startswith("prefix_reuse/") for k in metrics)
 
 
-@pytest.mark.parametrize("mode", ["offload", "recompute"])
-def test_prefix_activation_modes_under_fsdp2(actor_dir, mode):
-    kwargs = engine_kwargs(True)
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("mode", ["keep", "offload", "recompute"])
+def test_prefix_activation_modes_under_fsdp2(actor_dir, mode, checkpointing):
+    """Every activation mode, with verl's gradient checkpointing (non-reentrant) on and off, on both
+    engines: gradients before the optimizer step equal the stock engine's."""
+    kwargs = dict(engine_kwargs(True), enable_gradient_checkpointing=checkpointing)
     stock = vs.build_worker(actor_dir, reuse=False, **kwargs)
     reuse = vs.build_worker(actor_dir, reuse=True, prefix_reuse={"prefix_activations": mode}, **kwargs)
+    assert all(layer.gradient_checkpointing == checkpointing for layer in reuse.engine.module.model.layers)
     ref_grads, _ = grads_of(stock, vs.make_batch(GROUPS), actor_loss())
     grads, _ = grads_of(reuse, vs.make_batch(GROUPS), actor_loss())
     for name, ref in ref_grads.items():

@@ -332,6 +332,15 @@ def two_rank_grads(rank: int, port: int, model_dir: str, out_dir: str, groups_pe
     two_rank_compare(rank, port, model_dir, out_dir, {"groups_per_rank": groups_per_rank})
 
 
+def value_loss_fn():
+    from functools import partial
+
+    from verl.workers.config import FSDPCriticConfig
+    from verl.workers.utils.losses import value_loss
+
+    return partial(value_loss, config=FSDPCriticConfig(strategy="fsdp2", ppo_micro_batch_size_per_gpu=2, rollout_n=4))
+
+
 def ppo_loss_fn():
     from functools import partial
 
@@ -346,10 +355,11 @@ def two_rank_compare(rank: int, port: int, model_dir: str, out_dir: str, case: d
     """mp.spawn target (dp=2 over gloo): stock vs reuse on one mini-batch per rank.
 
     case: `groups_per_rank` {rank: [(prompt_len, [response lengths]), ...]} (make_batch groups),
-    optional `batch_per_rank` {rank: callable(seed) -> TensorDict} instead, and `engine` (build_worker
-    kwargs). Runs a training forward_backward_batch (gradients before the optimizer step) and an
-    infer_batch (log-probs) on both engines; rank 0 writes result.json with the largest relative
-    gradient and log-prob differences and the reuse metrics of both ranks.
+    optional `batch_per_rank` {rank: callable(seed) -> TensorDict} instead, `engine` (build_worker
+    kwargs) and `critic` (a value model at `model_dir`: value_loss, values). Runs a training
+    forward_backward_batch (gradients before the optimizer step) and an infer_batch (log-probs or
+    values) on both engines; rank 0 writes result.json with the largest relative gradient
+    difference, the largest absolute per-token output difference and the reuse metrics of both ranks.
     """
     import json
 
@@ -360,10 +370,15 @@ def two_rank_compare(rank: int, port: int, model_dir: str, out_dir: str, case: d
     engine = dict(use_dynamic_bsz=True, max_token_len_per_gpu=48, infer_max_token_len_per_gpu=48)
     engine.update(case.get("engine", {}))
     budget = engine["max_token_len_per_gpu"]
+    critic = case.get("critic", False)
+    if critic:
+        load_value_models_with_sdpa()
+        engine["model_type"] = "value_model"
+    loss_fn, output_key = (value_loss_fn(), "values") if critic else (ppo_loss_fn(), "log_probs")
 
     def batch():
         maker = case.get("batch_per_rank", {}).get(rank)
-        data = maker(rank) if maker else make_batch(case["groups_per_rank"][rank], seed=rank)
+        data = maker(rank) if maker else make_batch(case["groups_per_rank"][rank], seed=rank, critic=critic)
         flags = dict(use_remove_padding=True, use_dynamic_bsz=True, max_token_len_per_gpu=budget)
         tu.assign_non_tensor(data, **flags, use_fused_kernels=False)
         return data
@@ -373,11 +388,11 @@ def two_rank_compare(rank: int, port: int, model_dir: str, out_dir: str, case: d
         worker = build_worker(model_dir, reuse=reuse, **engine)
         with worker.engine.train_mode():
             worker.engine.optimizer_zero_grad()
-            out = worker.engine.forward_backward_batch(batch(), ppo_loss_fn(), forward_only=False)
+            out = worker.engine.forward_backward_batch(batch(), loss_fn, forward_only=False)
             grads = {n: p.grad.full_tensor() for n, p in worker.engine.module.named_parameters()}
         data = batch()
         tu.assign_non_tensor(data, compute_loss=False)
-        log_probs = tu.get(worker.infer_batch(data), "log_probs")
+        log_probs = tu.get(worker.infer_batch(data), output_key)
         n_resp = data["responses"].offsets().diff().tolist()
         # full-length rows; the response part is what verl reads (position t holds token t + 1)
         rows = zip(log_probs.unbind(), n_resp, strict=True)
