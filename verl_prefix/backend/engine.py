@@ -340,19 +340,20 @@ class PrefixReuseEngineMixin:
             model_output["entropy"] = full_length_nested(entropies, rows, batch.response_start)
         losses: list[float] = []
         metrics: dict[str, list] = {}
-        if loss_function is not None:
+        if loss_function is not None:  # metrics only (no backward), computed as stock does: under its autocast
             self._assign_normalisation(data)
-            self._loss(
-                list(range(len(rows))),
-                per_token,
-                entropies,
-                rows,
-                batch.response_start,
-                data.to(device),
-                loss_function,
-                losses,
-                metrics,
-            )
+            with runtime.forward_context():
+                self._loss(
+                    list(range(len(rows))),
+                    per_token,
+                    entropies,
+                    rows,
+                    batch.response_start,
+                    data.to(device),
+                    loss_function,
+                    losses,
+                    metrics,
+                )
         return {"model_output": model_output, "loss": losses, "metrics": metrics}
 
     def _verify_against_dense(self, data: TensorDict, loss_function: Callable, reuse_seconds: float) -> dict:
