@@ -70,6 +70,8 @@ def stats_metrics(stats: ScheduleStats, lifetime: int | None = None) -> dict[str
         "rows": stats.rows,
         "dense_rows": stats.dense_rows,
         "micro_batches": stats.micro_batches,
+        "prefix_chunks": stats.prefix_chunks,
+        "padding_passes": stats.padding_passes,
         "prefix_tokens": stats.prefix_tokens,
         "suffix_tokens": stats.suffix_tokens,
         "dense_tokens": stats.dense_tokens,

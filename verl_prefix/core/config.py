@@ -81,6 +81,9 @@ class ScheduleStats:
     groups: int = 0  # groups that share a prefix (run Phase A/C)
     dense_rows: int = 0  # rows that share nothing and run as plain dense sequences
     micro_batches: int = 0
+    prefix_chunks: int = 0  # Phase-A (and Phase-C) passes
+    # one-token passes run to match another data-parallel rank's pass count (ScheduleRuntime.group)
+    padding_passes: int = 0
     prefix_tokens: int = 0  # prefix tokens computed (once per group)
     suffix_tokens: int = 0  # tokens run in Phase B
     dense_tokens: int = 0  # tokens a dense pass computes (sum of row lengths)

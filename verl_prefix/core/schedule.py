@@ -83,6 +83,9 @@ def forward_backward(
     if not callable(loss_fn):
         raise ValueError("loss_fn must be callable as loss_fn(indices, log_probs) -> scalar tensor.")
     stats = _new_stats(model, step.plan, step.rows, step.config)
+    stats.padding_passes = (
+        step.chunks - len(step.plan.prefix_chunks) + step.micro_batches - len(step.plan.micro_batches)
+    )
     if step.config.router_aux_loss:
         if readout != "log_probs":
             raise ValueError("PrefixReuseConfig.router_aux_loss is for causal LMs (readout='log_probs').")
@@ -471,6 +474,7 @@ def _new_stats(
         groups=len(shared),
         dense_rows=len(plan.groups) - len(shared),
         micro_batches=len(plan.micro_batches),
+        prefix_chunks=len(plan.prefix_chunks),
         prefix_tokens=sum(g.prefix_len for g in shared),
         suffix_tokens=sum(sum(s) for s in suffix_lens),
         dense_tokens=sum(len(r) for r in rows),
