@@ -2,9 +2,10 @@
 
 A packed forward has batch size 1 and holds several *blocks*. A block is a run of rows of one
 group: its queries attend to the group's prefix K/V (if any) and, causally, to their own row.
-In Phase A each block is one prefix and this module captures that layer's post-RoPE K/V.
-In Phase B each block reads its group's captured prefix K/V leaves, so autograd accumulates
-grad_prefix_kv into them.
+In Phase A (and Phase C's prefix forward) each block is one prefix: this module stores that
+layer's post-RoPE K/V and wraps them so that Phase C's backward receives their accumulated
+gradient. In Phase B each block reads its group's stored prefix K/V through `PrefixKV.read`, whose
+backward accumulates gK/gV. All state arrives with the call (`AttentionContext`).
 """
 
 from __future__ import annotations
