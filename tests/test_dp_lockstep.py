@@ -22,23 +22,6 @@ SHARING = [(40, [3, 5, 2, 4]), (38, [6, 1, 3, 2])]  # two groups of 4 rows, ~40-
 NOTHING_SHARED = [(10 + g, [3 + g % 3]) for g in range(8)]  # 8 rows, one per uid
 
 
-def _empty_response_batch(seed: int):
-    """Rows that share, plus one row whose response is empty: the schedule sends it dense."""
-    gen = torch.Generator().manual_seed(seed)
-    prompts, responses, uids = [], [], []
-    for g, (prompt_len, lengths) in enumerate([(20, [3, 7, 0, 2]), (14, [4, 1, 5, 2])]):
-        prompt = torch.randint(0, vs.VOCAB - 3, (prompt_len,), generator=gen)
-        for n in lengths:
-            prompts.append(prompt)
-            responses.append(torch.randint(0, vs.VOCAB - 3, (n,), generator=gen))
-            uids.append(f"uid-{seed}-{g}")
-    extra = dict(
-        old_log_probs=[-torch.rand(len(r), generator=gen) - 4.5 for r in responses],
-        advantages=[torch.randn(len(r), generator=gen) for r in responses],
-    )
-    return vs.rows_tensordict(prompts, responses, uids, extra)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return vs.save_tiny_qwen3(str(tmp_path_factory.mktemp("actor")))
@@ -81,10 +64,8 @@ def test_critic_one_rank_shares_the_other_shares_nothing(tmp_path):
 def test_one_rank_must_run_dense(model_dir, tmp_path):
     """Rank 1's batch has an empty response: both ranks take the dense path together."""
     # (8 rows per rank: stock verl itself needs as many rows as the other rank has micro-batches)
-    case = {
-        "groups_per_rank": {0: [(20, [3, 5, 2, 4]), (16, [6, 1, 3, 2])]},
-        "batch_per_rank": {1: _empty_response_batch},
-    }
+    groups = {0: [(20, [3, 5, 2, 4]), (16, [6, 1, 3, 2])], 1: [(20, [3, 7, 0, 2]), (14, [4, 1, 5, 2])]}
+    case = {"groups_per_rank": groups}
     result = _run(model_dir, tmp_path, case)
     for metrics in result["metrics"]:
         assert metrics["prefix_reuse/fallbacks"] == [1.0]

@@ -23,21 +23,10 @@ from verl.utils import tensordict_utils as tu  # noqa: E402
 GROUPS = [(20, [3, 7, 2, 5]), (14, [4, 1, 6])]
 
 
-def batch_with_an_empty_response(seed: int = 0):
+def batch_with_an_empty_response():
     """GROUPS plus one row of group 0 whose response has no tokens."""
-    gen = torch.Generator().manual_seed(seed)
-    prompts, responses, uids = [], [], []
-    for g, (prompt_len, lengths) in enumerate(GROUPS):
-        prompt = torch.randint(0, vs.VOCAB - 3, (prompt_len,), generator=gen)
-        for n in [*lengths, 0] if g == 0 else lengths:
-            prompts.append(prompt)
-            responses.append(torch.randint(0, vs.VOCAB - 3, (n,), generator=gen))
-            uids.append(f"uid-{g}")
-    extra = dict(
-        old_log_probs=[-torch.rand(len(r), generator=gen) - 4.5 for r in responses],
-        advantages=[torch.randn(len(r), generator=gen) for r in responses],
-    )
-    return vs.rows_tensordict(prompts, responses, uids, extra)
+    (p0, r0), group1 = GROUPS
+    return vs.make_batch([(p0, [*r0, 0]), group1])
 
 
 def test_empty_response_runs_dense_and_is_counted(tmp_path, caplog):

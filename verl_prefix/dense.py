@@ -13,21 +13,14 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .core import token_log_probs
+from .core.plan import pack_in_order
 
 LOGITS = ("all", "response")
 
 
 def micro_batches(lengths: Sequence[int], max_tokens: int | None) -> list[list[int]]:
     """Consecutive rows packed greedily under `max_tokens` (a longer row goes alone); None = one."""
-    batches: list[list[int]] = []
-    used = 0
-    for i, n in enumerate(lengths):
-        if not batches or (max_tokens is not None and used + n > max_tokens):
-            batches.append([])
-            used = 0
-        batches[-1].append(i)
-        used += n
-    return batches
+    return pack_in_order(list(enumerate(lengths)), max_tokens)
 
 
 def dense_forward_backward(

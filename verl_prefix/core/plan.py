@@ -91,8 +91,9 @@ def find_prefix_groups(
     return groups
 
 
-def _pack(items: Sequence[tuple[int, int]], budget: int | None) -> list[list[int]]:
-    """Greedy in-order packing of (key, tokens) into bins of at most `budget` tokens."""
+def pack_in_order(items: Sequence[tuple[int, int]], budget: int | None) -> list[list[int]]:
+    """Greedy in-order packing of (key, tokens) into bins of at most `budget` tokens (an item over
+    the budget goes alone); None = one bin."""
     bins: list[list[int]] = []
     used = 0
     for key, tokens in items:
@@ -128,7 +129,7 @@ def make_plan(
                 )
             suffix_items.append((r, suffix))
     micro_batches = []
-    for rows in _pack(suffix_items, max_tokens_per_micro_batch):
+    for rows in pack_in_order(suffix_items, max_tokens_per_micro_batch):
         segments: list[Segment] = []
         for r in rows:
             g = row_group[r]
@@ -139,5 +140,5 @@ def make_plan(
         micro_batches.append(tuple(segments))
 
     shared = [(g, grp.prefix_len) for g, grp in enumerate(groups) if grp.prefix_len > 0]
-    prefix_chunks = tuple(tuple(c) for c in _pack(shared, max_tokens_per_micro_batch))
+    prefix_chunks = tuple(tuple(c) for c in pack_in_order(shared, max_tokens_per_micro_batch))
     return SchedulePlan(tuple(groups), prefix_chunks, tuple(micro_batches))
