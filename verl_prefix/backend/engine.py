@@ -175,7 +175,7 @@ class PrefixReuseEngineMixin:
         flag = torch.tensor([reason is not None], dtype=torch.long, device=self._device())
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.get_data_parallel_group())
         if reason is None and bool(flag.item()):
-            return "another data-parallel rank's mini-batch (it needs the dense path)"
+            return "a mini-batch on another data-parallel rank that needs the dense path"
         return reason
 
     def _runtime(self) -> ScheduleRuntime:
