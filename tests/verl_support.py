@@ -1,159 +1,24 @@
 """Run verl 0.9.1's real FSDP engines on CPU for tests.
 
-CPU-only stand-ins, and why:
-- `CPUPlatform`: verl has no CPU platform (it falls back to CUDA). This one reports device "cpu",
-  the gloo backend, and no-op memory/RNG hooks, and is installed before verl's engines are built.
-- verl's worker process-group backend string ("cpu:gloo,<device>:<backend>") becomes plain gloo.
-- FSDP2's `CPUOffloadPolicy` (verl's forward-only engines) runs unpinned: pinning needs an accelerator.
-- `VERL_ENGINE_DEVICE=cuda`: verl registers its FSDP engines for "cuda"/"npu" only; the lookup key
-  is all this changes (the engine then runs on whatever device the platform reports).
-Everything else (FSDP2 over gloo, verl's configs, engines, losses, TensorDict layout) is real.
+The CPU stand-ins (verl's CPU platform and the patches it needs) are project code:
+`verl_prefix.backend.cpu`, re-exported here as `install_cpu_platform`. Everything else (FSDP2 over
+gloo, verl's configs, engines, losses, TensorDict layout) is real.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import socket
 import time
-import types
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 
+from verl_prefix.backend.cpu import install_cpu_platform  # noqa: F401  (re-exported for outside checks)
+
 os.environ.setdefault("VERL_ENGINE_DEVICE", "cuda")
 os.environ.setdefault("VERL_ENGINE_VENDOR", "nvidia")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-
-def _cpu_device_module() -> types.SimpleNamespace:
-    zero = lambda *a, **k: 0  # noqa: E731
-    none = lambda *a, **k: None  # noqa: E731
-    return types.SimpleNamespace(
-        is_available=lambda: True,
-        current_device=lambda: "cpu",
-        device_count=lambda: 1,
-        set_device=none,
-        synchronize=none,
-        manual_seed=torch.manual_seed,
-        manual_seed_all=torch.manual_seed,
-        empty_cache=none,
-        memory_allocated=zero,
-        memory_reserved=zero,
-        max_memory_allocated=zero,
-        max_memory_reserved=zero,
-        reset_peak_memory_stats=none,
-        mem_get_info=lambda *a, **k: (0, 0),
-        get_rng_state=torch.get_rng_state,
-        set_rng_state=torch.set_rng_state,
-        is_initialized=lambda: True,
-        get_device_name=lambda *a, **k: "cpu",
-        memory_stats=lambda *a, **k: {},
-        nvtx=types.SimpleNamespace(range_push=none, range_pop=none),
-    )
-
-
-@functools.cache
-def install_cpu_platform():
-    """Register and select a CPU platform for verl (idempotent). Returns it."""
-    from verl.plugin.platform.platform_base import PlatformBase
-    from verl.plugin.platform.platform_manager import PlatformRegistry, set_platform
-
-    class CPUPlatform(PlatformBase):
-        device_name = "cpu"
-        vendor_name = "nvidia"  # engine lookup key only (see module docstring)
-        device_module = _cpu_device_module()
-
-        def is_available(self) -> bool:
-            return True
-
-        def is_platform_available(self, use_smi_check: bool = False) -> bool:
-            return True
-
-        def current_device(self):
-            return "cpu"
-
-        def device_count(self) -> int:
-            return 1
-
-        def set_device(self, device_index) -> None:
-            pass
-
-        def synchronize(self, device_index=None) -> None:
-            pass
-
-        def manual_seed(self, seed: int) -> None:
-            torch.manual_seed(seed)
-
-        def manual_seed_all(self, seed: int) -> None:
-            torch.manual_seed(seed)
-
-        def set_allocator_settings(self, settings: str) -> None:
-            pass
-
-        def empty_cache(self) -> None:
-            pass
-
-        def get_device_capability(self, device_index: int = 0):
-            return None, None
-
-        def communication_backend_name(self) -> str:
-            return "gloo"
-
-        def visible_devices_envvar(self) -> str:
-            return "CUDA_VISIBLE_DEVICES"
-
-        @contextmanager
-        def nvtx_range(self, msg: str):
-            yield
-
-        def profiler_start(self) -> None:
-            pass
-
-        def profiler_stop(self) -> None:
-            pass
-
-        def ray_resource_name(self) -> str:
-            return "CPU"
-
-        def ray_resource_options(self, num_gpus: float) -> dict[str, Any]:
-            return {}
-
-        def ray_noset_envvars(self) -> list[str]:
-            return []
-
-        def is_ipc_supported(self) -> bool:
-            return False
-
-        def rollout_env_vars(self) -> dict[str, str]:
-            return {}
-
-        def get_collective_module(self):
-            return None
-
-        def cudart(self):
-            return None
-
-    PlatformRegistry.register("cpu_test")(CPUPlatform)
-    platform = CPUPlatform()
-    set_platform(platform)
-
-    # verl's worker process group backend is "cpu:gloo,<device>:<backend>", which names "cpu"
-    # twice on a CPU platform; plain gloo is what that string means here.
-    import verl.utils.distributed as verl_distributed
-    import verl.workers.engine_workers as engine_workers
-
-    init_pg = functools.partial(verl_distributed.initialize_global_process_group_ray, backend="gloo")
-    engine_workers.initialize_global_process_group_ray = init_pg
-
-    # verl builds forward-only engines (the reference policy) with CPUOffloadPolicy(pin_memory=True);
-    # pinning needs an accelerator. Same policy, unpinned.
-    import verl.workers.engine.fsdp.transformer_impl as fsdp_impl
-    from torch.distributed.fsdp import CPUOffloadPolicy
-
-    fsdp_impl.CPUOffloadPolicy = lambda pin_memory=True: CPUOffloadPolicy(pin_memory=False)
-    return platform
 
 
 def free_port() -> int:
