@@ -4,6 +4,7 @@ import json
 
 import jsonschema
 import pytest
+import torch
 
 from verl_prefix.bench import BenchConfig, _most_rows, run_bench
 from verl_prefix.cli import main
@@ -125,12 +126,41 @@ def test_shipped_shapes_build_without_download(name):
         (["--attention", "sdpa,flex"], "--attention=flex"),  # flex cannot train on CPU
         (["--attention", "eager"], "--attention=eager"),
         (["--prefix-activations", "swap"], "--prefix-activations=swap"),
-        (["--dense-logits", "none"], "--dense-logits='none'"),
-        (["--model", "qwen9"], "--model='qwen9'"),
+        (["--max-tokens-per-micro-batch", "16"], "raise it to at least 64"),
+        (["--prefix-len", "0"], "--prefix-len=0 must be >= 1"),
+        (["--device", "cuda"], "--device=cuda but this torch"),
+        (["--model", "qwen3-8b"], "weights and gradients alone need 61.0 GiB"),
     ],
 )
 def test_cli_bench_rejects_a_bad_point_before_running_any(flags, named, capsys):
+    if "cuda" in flags and torch.cuda.is_available() or "qwen3-8b" in flags and _free_gib() > 61:
+        pytest.skip("this machine can run it")
     assert main(["bench", *flags, "--quiet"]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""  # nothing measured
     assert captured.err.startswith("verl-prefix bench: error:") and named in captured.err
+    assert captured.err.count("\n") == 1  # one line, no traceback
+
+
+def _free_gib() -> float:
+    from verl_prefix.bench import available_bytes
+
+    return (available_bytes(torch.device("cpu")) or 0) / 2**30
+
+
+@pytest.mark.parametrize(
+    "flags,named", [(["--dense-logits", "none"], "--dense-logits"), (["--model", "qwen9"], "--model")]
+)
+def test_cli_bench_lists_the_choices(flags, named, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", *flags, "--quiet"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {named}: invalid choice" in err and "choose from" in err
+
+
+def test_cli_help_lists_meanings_and_choices(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    out = capsys.readouterr().out
+    assert "{sdpa,flex,flash_attn}" in out and "shared prompt tokens per group" in out

@@ -72,3 +72,33 @@ def test_bad_traces_name_the_problem(tmp_path):
 
     with pytest.raises(ValueError, match="--vocab-size"):
         run_replay(trace, ReplayConfig(**{**CFG, "vocab_size": 16}))
+
+
+@pytest.mark.parametrize(
+    "flags,named",
+    [
+        (["--steps", "0"], "--steps=0 must be >= 1"),
+        (["--min-response", "-2"], "--min-response=-2 must be >= 1"),
+        (["--min-response", "9", "--max-response", "4"], "--min-response=9 is above --max-response=4"),
+        (["--dtype", "float8"], "--dtype='float8'"),
+        (["--trace", "/no/such/trace.pt"], "no such file"),
+        (["--attention", "xformers"], "replay.attention='xformers'"),
+    ],
+)
+def test_cli_replay_bad_values_are_one_line_errors(flags, named, capsys):
+    assert main(["replay", *flags, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("verl-prefix replay: error:") and named in err and err.count("\n") == 1
+
+
+def test_cli_replay_steps_takes_the_first_steps_of_a_trace(tmp_path, capsys):
+    trace_file = tmp_path / "trace.pt"
+    save_trace(generate_trace(ReplayConfig(**CFG)), trace_file)
+    args = ["replay", "--trace", str(trace_file), "--quiet"]
+    for k, v in CFG.items():
+        if k != "steps":
+            args += ["--" + k.replace("_", "-"), str(v)]
+    assert main([*args, "--steps", "2", "--json", str(tmp_path / "r.json")]) == 0
+    assert len(json.loads((tmp_path / "r.json").read_text())["steps"]) == 2
+    assert main([*args, "--steps", "9"]) == 2
+    assert "--steps=9 but" in capsys.readouterr().err

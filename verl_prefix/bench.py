@@ -20,48 +20,70 @@ import torch
 
 from .core import PrefixReuseConfig, forward_backward
 from .core.attention import check_backend
+from .core.config import ATTENTION_BACKENDS, PREFIX_ACTIVATION_MODES
 from .core.flops import FlopModel
 from .core.memory import current_bytes, phase_peak
-from .dense import dense_forward_backward
-from .random_models import SHAPES, model_config, random_model, shaped_config
+from .dense import LOGITS, dense_forward_backward
+from .random_models import FAMILIES, SHAPES, model_config, random_model, shaped_config
 
 MODELS = ("tiny", *SHAPES)
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+NOISY_SPREAD = 1.25
 TINY_LAYERS = 4
+
+
+def opt(default, help: str, choices: tuple | None = None):
+    """A config field with its command-line help (and choices), read by `verl-prefix`'s parser."""
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
 class BenchConfig:
-    model: str = "tiny"  # "tiny" (family/hidden_size/vocab_size below) or a shipped shape, e.g. qwen3-8b
-    family: str = "qwen3"  # tiny only: qwen3 | llama | qwen2 | qwen3_moe
-    hidden_size: int = 256  # tiny only
-    num_layers: int = 0  # 0 = the model's own depth (tiny: 4); fewer layers keep ratios, cut memory
-    vocab_size: int = 8192  # tiny only
-    prefix_len: int = 512  # shared prompt tokens per group (the prompt is prefix_len + 1 tokens)
-    suffix_len: int = 64  # tokens per row after the prefix (last prompt token + response)
-    group_size: int = 8
-    groups: int = 2
-    max_tokens_per_micro_batch: int = 4096
-    dense_logits: str = "all"  # dense baseline: "all" positions (as verl computes) or "response" only
-    attention: str = "sdpa"
-    prefix_activations: str = "keep"
-    dtype: str = "float32"
-    device: str = "cpu"
-    repeats: int = 3
-    seed: int = 0
-    capacity: bool = False  # also search the most trajectories one step holds (dense vs reuse)
-    memory_budget_gb: float = 0.0  # capacity budget above idle memory; 0 = dense's need for one group
-    max_capacity_rows: int = 256  # the capacity search stops here
+    model: str = opt("tiny", "tiny (the dims below) or a shipped real shape with random weights", MODELS)
+    family: str = opt("qwen3", "tiny only: model family", FAMILIES)
+    hidden_size: int = opt(256, "tiny only: hidden size")
+    num_layers: int = opt(0, "decoder layers; 0 = the model's own depth (tiny: 4). Fewer keep ratios, cut memory")
+    vocab_size: int = opt(8192, "tiny only: vocabulary size")
+    prefix_len: int = opt(512, "shared prompt tokens per group (the prompt is prefix_len + 1 tokens)")
+    suffix_len: int = opt(64, "tokens per row after the prefix (last prompt token + response)")
+    group_size: int = opt(8, "rows per group (GRPO's G)")
+    groups: int = opt(2, "groups in the batch")
+    max_tokens_per_micro_batch: int = opt(4096, "token budget of a micro-batch (dense and suffix), >= --suffix-len")
+    dense_logits: str = opt("all", "dense baseline's lm_head: at all positions (as verl) or response only", LOGITS)
+    attention: str = opt("sdpa", "the schedule's attention backend", ATTENTION_BACKENDS)
+    prefix_activations: str = opt("keep", "dormant prefix activations during Phase B", PREFIX_ACTIVATION_MODES)
+    dtype: str = opt("float32", "model dtype", DTYPES)
+    device: str = opt("cpu", "cpu or cuda")
+    repeats: int = opt(3, "timed steps per side after one warm-up")
+    seed: int = opt(0, "random seed of weights and batch")
+    capacity: bool = opt(False, "also search the most trajectories one step holds, dense vs reuse")
+    memory_budget_gb: float = opt(0.0, "capacity budget above idle memory; 0 = dense's need for one group")
+    max_capacity_rows: int = opt(256, "the capacity search stops here")
 
     def check(self) -> None:
         """Raise ValueError naming the flag and the fix before any point runs."""
         if self.dense_logits not in ("all", "response"):
             raise ValueError(f"--dense-logits={self.dense_logits!r}: use 'all' (as verl computes) or 'response'.")
-        if self.dtype not in ("float32", "float64", "bfloat16", "float16"):
-            raise ValueError(f"--dtype={self.dtype!r}: use float32, float64, bfloat16 or float16.")
-        if min(self.prefix_len, self.suffix_len, self.group_size, self.groups, self.repeats) < 1:
-            raise ValueError("--prefix-len, --suffix-len, --group-size, --groups and --repeats must be >= 1.")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype={self.dtype!r}: use one of {', '.join(DTYPES)}.")
+        for name in ("prefix_len", "suffix_len", "group_size", "groups", "repeats", "max_tokens_per_micro_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 1.")
         if self.model != "tiny" and self.model not in SHAPES:
             raise ValueError(f"--model={self.model!r}: use 'tiny' or one of {sorted(SHAPES)}.")
+        if self.model == "tiny" and self.family not in FAMILIES:
+            raise ValueError(f"--family={self.family!r}: use one of {', '.join(FAMILIES)}.")
+        if self.max_tokens_per_micro_batch < self.suffix_len:
+            raise ValueError(
+                f"--max-tokens-per-micro-batch={self.max_tokens_per_micro_batch} is below --suffix-len="
+                f"{self.suffix_len}: a suffix runs whole in one micro-batch; raise it to at least {self.suffix_len}."
+            )
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(
+                f"--device={self.device} but this torch ({torch.__version__}) sees no CUDA device; use --device=cpu "
+                "or install the torch build for your CUDA."
+            )
+        self._check_memory()
         try:  # the schedule's own checks, with its messages
             PrefixReuseConfig(
                 max_tokens_per_micro_batch=self.max_tokens_per_micro_batch,
@@ -74,6 +96,39 @@ class BenchConfig:
                 f"--attention={self.attention} --prefix-activations={self.prefix_activations} --device={self.device}"
             )
             raise ValueError(f"{point}: {e}") from None
+
+    def _check_memory(self) -> None:
+        """Refuse a model whose weights and gradients alone exceed the device's free memory."""
+        if self.model == "tiny":
+            return
+        from transformers import AutoModelForCausalLM
+
+        config = shaped_config(self.model, self.num_layers or None)
+        with torch.device("meta"):
+            params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+        need = 2 * params * getattr(torch, self.dtype).itemsize  # weights + gradients, no activations
+        free = available_bytes(torch.device(self.device))
+        if free is not None and need > free:
+            layers = self.num_layers or config.num_hidden_layers
+            raise ValueError(
+                f"--model={self.model} --num-layers={layers} --dtype={self.dtype}: "
+                f"weights and gradients alone need {need / 2**30:.1f} GiB, {self.device} has {free / 2**30:.1f} GiB "
+                "free; lower --num-layers (ratios hold per layer) or use a GPU."
+            )
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory of `device`: CUDA's free bytes, or the host's MemAvailable on CPU (Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 @dataclass
@@ -108,9 +163,16 @@ class BenchResult:
     idle_memory_bytes: int | None = None  # before a step: weights (and nothing else) resident
     phase_B_memory_saving: float | None = None  # 1 - (B peak - idle) / (dense peak - idle)
     capacity: Capacity | None = None
+    dense_times: list[float] = field(default_factory=list)  # every timed repeat, seconds
+    reuse_times: list[float] = field(default_factory=list)
+
+    @property
+    def noisy(self) -> bool:
+        """A side whose slowest repeat took over 1.25x its fastest: the machine was not quiet."""
+        return any(t and max(t) > NOISY_SPREAD * min(t) for t in (self.dense_times, self.reuse_times))
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "noisy": self.noisy}
 
 
 def build_model(cfg: BenchConfig, min_positions: int = 0) -> torch.nn.Module:
@@ -235,6 +297,8 @@ def run_bench(cfg: BenchConfig, progress=None, model: torch.nn.Module | None = N
         config=cfg,
         dense_seconds=dense_s,
         reuse_seconds=reuse_s,
+        dense_times=dense_times,
+        reuse_times=reuse_times,
         speedup=speedup,
         flop_bound=bound,
         efficiency=speedup / bound,
@@ -324,6 +388,14 @@ def _mib(v: int | None) -> str:
     return f"{v / 2**20:.0f} MiB" if v is not None else "n/a"
 
 
+def _spread(times: list[float]) -> str:
+    """min-max of the repeats in ms, flagged when the spread marks a noisy machine."""
+    if not times:
+        return "no repeats"
+    flag = " NOISY" if max(times) > NOISY_SPREAD * min(times) else ""
+    return f"min {min(times) * 1e3:.1f} max {max(times) * 1e3:.1f}{flag}"
+
+
 def format_result(res: BenchResult) -> str:
     """A point in full (the single-point screen output)."""
     c = res.config
@@ -340,10 +412,10 @@ def format_result(res: BenchResult) -> str:
         f"reuse      attention={c.attention} prefix_activations={c.prefix_activations}; "
         f"dense logits at {c.dense_logits} positions",
         f"grad diff  max relative |g_reuse - g_dense| = {res.max_grad_rel_diff:.2e}",
-        f"dense      {res.dense_seconds * 1e3:9.1f} ms / step (median of {c.repeats})",
+        f"dense      {res.dense_seconds * 1e3:9.1f} ms / step (median of {c.repeats}; {_spread(res.dense_times)})",
         f"reuse      {res.reuse_seconds * 1e3:9.1f} ms / step  "
         f"(A {res.phase_seconds['A'] * 1e3:.1f} / B {res.phase_seconds['B'] * 1e3:.1f} / "
-        f"C {res.phase_seconds['C'] * 1e3:.1f} ms)",
+        f"C {res.phase_seconds['C'] * 1e3:.1f} ms; {_spread(res.reuse_times)})",
         f"peak mem   dense {_mib(res.dense_peak_memory_bytes)}; reuse A {mem['A']} / B {mem['B']} / C {mem['C']} "
         f"(idle {_mib(res.idle_memory_bytes)})",
         f"speedup    {res.speedup:.2f}x   FLOP bound {res.flop_bound:.2f}x   efficiency {res.efficiency:.2f}",

@@ -20,19 +20,25 @@ def _parse_bool(text: str) -> bool:
 
 
 def _add_dataclass_args(parser: argparse.ArgumentParser, cls, lists: tuple[str, ...] = ()) -> None:
-    """One --flag per field; fields in `lists` take comma-separated values (a sweep axis)."""
+    """One --flag per field, with the field's help and choices (`metadata`); fields in `lists` take
+    comma-separated values (a sweep axis)."""
     for f in dataclasses.fields(cls):
         kind = _parse_bool if isinstance(f.default, bool) else type(f.default)
         flag = "--" + f.name.replace("_", "-")
+        meaning = f.metadata.get("help", "")
+        choices = f.metadata.get("choices")
+        listed = f" {{{','.join(map(str, choices))}}}" if choices else ""
         if f.name in lists:
             parser.add_argument(
                 flag,
                 type=lambda text, kind=kind: [kind(v) for v in text.split(",") if v],
                 default=[f.default],
-                help=f"comma-separated values to sweep (default: {f.default})",
+                help=f"{meaning}{listed}; comma-separated values sweep (default: {f.default})",
             )
         else:
-            parser.add_argument(flag, type=kind, default=f.default, help=f"(default: {f.default})")
+            parser.add_argument(
+                flag, type=kind, default=f.default, choices=choices, help=f"{meaning} (default: {f.default})"
+            )
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -64,8 +70,23 @@ def _bench(args: argparse.Namespace) -> int:
 def _replay(args: argparse.Namespace) -> int:
     from .replay import ReplayConfig, format_replay, generate_trace, load_trace, plot_replay, run_replay, save_trace
 
-    cfg = ReplayConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ReplayConfig)})
-    trace = load_trace(args.trace) if args.trace else generate_trace(cfg)
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(ReplayConfig)}
+    steps_given = values["steps"] is not None
+    values["steps"] = values["steps"] if steps_given else ReplayConfig.steps
+    cfg = ReplayConfig(**values)
+    try:
+        cfg.check()
+        if args.trace:
+            trace = load_trace(args.trace)
+            if steps_given:  # the first --steps steps of the trace
+                if cfg.steps > len(trace["steps"]):
+                    raise ValueError(f"--steps={cfg.steps} but {args.trace} holds {len(trace['steps'])} steps.")
+                trace["steps"] = trace["steps"][: cfg.steps]
+        else:
+            trace = generate_trace(cfg)
+    except ValueError as e:
+        print(f"verl-prefix replay: error: {e}", file=sys.stderr)
+        return 2
     if args.save_trace:
         save_trace(trace, args.save_trace)
         print(f"wrote {args.save_trace}")
@@ -141,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
         "replay", help="train dense and reuse side by side over an N-step trace from the same initial weights"
     )
     _add_dataclass_args(replay, ReplayConfig)
+    # --steps: steps to generate, or the first N steps of --trace (default: all of it)
+    replay.set_defaults(steps=None)
     replay.add_argument("--trace", metavar="FILE", help="replay a saved trace (default: generate one)")
     replay.add_argument("--save-trace", metavar="FILE", help="write the (generated) trace")
     replay.add_argument("--json", metavar="FILE", help="write per-step results as JSON")

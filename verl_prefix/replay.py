@@ -21,7 +21,7 @@ import torch
 
 from .core import PrefixReuseConfig, forward_backward
 from .dense import dense_forward_backward
-from .random_models import model_config, random_model
+from .random_models import FAMILIES, model_config, random_model
 
 TRACE_SCHEMA = "verl-prefix/trace/1"
 STEP_KEYS = ("input_ids", "response_start", "uids", "advantages", "old_log_probs")
@@ -47,6 +47,29 @@ class ReplayConfig:
     dtype: str = "float32"
     seed: int = 0
 
+    def check(self) -> None:
+        """Raise ValueError naming the flag and the fix before anything runs."""
+        positive = ("steps", "hidden_size", "num_layers", "vocab_size", "prompts_per_step", "group_size")
+        positive += ("prompt_len", "min_response", "max_response", "max_tokens_per_micro_batch")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 1.")
+        if self.min_response > self.max_response:
+            raise ValueError(f"--min-response={self.min_response} is above --max-response={self.max_response}.")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype={self.dtype!r}: use one of {', '.join(DTYPES)}.")
+        if self.family not in FAMILIES:
+            raise ValueError(f"--family={self.family!r}: use one of {', '.join(FAMILIES)}.")
+        if not self.lr > 0 or not 0 <= self.clip_ratio < 1:
+            raise ValueError(f"--lr={self.lr} must be > 0 and --clip-ratio={self.clip_ratio} in [0, 1).")
+        PrefixReuseConfig(
+            max_tokens_per_micro_batch=self.max_tokens_per_micro_batch,
+            attention=self.attention,  # type: ignore[arg-type]
+            prefix_activations=self.prefix_activations,  # type: ignore[arg-type]
+        ).validate(owner="replay")
+
+
+DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 Step = dict  # the STEP_KEYS of one step: lists with one entry per row
 
@@ -123,7 +146,12 @@ def save_trace(trace: dict, path: str | Path) -> None:
 
 def load_trace(path: str | Path) -> dict:
     """Load and check a trace file (torch.save of {"schema", "steps": [step, ...]})."""
-    trace = torch.load(path, weights_only=True)
+    if not Path(path).is_file():
+        raise ValueError(f"--trace {path}: no such file (write one with --save-trace FILE).")
+    try:
+        trace = torch.load(path, weights_only=True)
+    except Exception as exc:  # pickle, zip or format errors: not a trace
+        raise ValueError(f"--trace {path}: not a verl-prefix trace ({type(exc).__name__}).") from None
     if not isinstance(trace, dict) or trace.get("schema") != TRACE_SCHEMA:
         raise ValueError(f"{path}: not a verl-prefix trace (expected schema {TRACE_SCHEMA!r}).")
     for i, step in enumerate(trace["steps"]):

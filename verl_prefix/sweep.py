@@ -43,6 +43,10 @@ _POINT = {
         },
         "dense_seconds": {"type": "number", "exclusiveMinimum": 0},
         "reuse_seconds": {"type": "number", "exclusiveMinimum": 0},
+        # every timed repeat (seconds); `noisy`: a side's slowest repeat over 1.25x its fastest
+        "dense_times": {"type": "array", "items": {"type": "number", "exclusiveMinimum": 0}},
+        "reuse_times": {"type": "array", "items": {"type": "number", "exclusiveMinimum": 0}},
+        "noisy": {"type": "boolean"},
         "speedup": {"type": "number", "exclusiveMinimum": 0},
         "flop_bound": {"type": "number", "minimum": 1},
         "efficiency": {"type": "number", "exclusiveMinimum": 0},
@@ -162,12 +166,19 @@ def _mib(v: int | None) -> str:
     return f"{v / 2**20:.0f}" if v is not None else "-"
 
 
+def _ms(median: float, times: Sequence[float]) -> str:
+    if not times:
+        return f"{median * 1e3:.1f}"
+    return f"{median * 1e3:.1f} ({min(times) * 1e3:.0f}-{max(times) * 1e3:.0f})"
+
+
 def format_table(results: Sequence[BenchResult]) -> str:
     """One line per point: the figures docs/benchmarks.md records."""
     head = (
         "| P | S | G | attention | activations | dense ms | reuse ms | speedup | bound | eff. "
         "| grad diff | dense MiB | A / B / C MiB | B saving | capacity |"
     )
+    # ms columns: median (min-max of the repeats); a trailing * marks a noisy point
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         c, m = r.config, r.phase_peak_memory_bytes
@@ -175,7 +186,8 @@ def format_table(results: Sequence[BenchResult]) -> str:
         cap = f"{r.capacity.ratio:.2f}x" if r.capacity is not None else "-"
         lines.append(
             f"| {c.prefix_len} | {c.suffix_len} | {c.group_size} | {c.attention} | {c.prefix_activations} "
-            f"| {r.dense_seconds * 1e3:.1f} | {r.reuse_seconds * 1e3:.1f} | {r.speedup:.2f}x | {r.flop_bound:.2f}x "
+            f"| {_ms(r.dense_seconds, r.dense_times)} | {_ms(r.reuse_seconds, r.reuse_times)} "
+            f"| {r.speedup:.2f}x{'*' if r.noisy else ''} | {r.flop_bound:.2f}x "
             f"| {r.efficiency:.2f} | {r.max_grad_rel_diff:.1e} | {_mib(r.dense_peak_memory_bytes)} "
             f"| {_mib(m.get('A'))} / {_mib(m.get('B'))} / {_mib(m.get('C'))} | {saving} | {cap} |"
         )
@@ -195,7 +207,8 @@ def plot(results: Sequence[BenchResult], path: str | Path) -> None:
 
     ax = axes[0][0]
     bounds = [r.flop_bound for r in results]
-    ax.scatter(bounds, [r.speedup for r in results], c=[r.config.group_size for r in results], cmap="viridis")
+    points = ax.scatter(bounds, [r.speedup for r in results], c=[r.config.group_size for r in results], cmap="viridis")
+    fig.colorbar(points, ax=ax, label="group size G")
     top = max(max(bounds), max(r.speedup for r in results)) * 1.05
     ax.plot([1, top], [1, top], "k--", lw=1, label="speedup = bound")
     ax.plot([1, top], [0.8, 0.8 * top], "r:", lw=1, label="0.8 x bound")
