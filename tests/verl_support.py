@@ -14,7 +14,10 @@ from typing import Any
 
 import torch
 
-from verl_prefix.backend.cpu import install_cpu_platform  # noqa: F401  (re-exported for outside checks)
+from verl_prefix.backend.cpu import (  # noqa: F401  (re-exported for outside checks)
+    install_cpu_platform,
+    load_value_models_with_sdpa,
+)
 
 os.environ.setdefault("VERL_ENGINE_DEVICE", "cuda")
 os.environ.setdefault("VERL_ENGINE_VENDOR", "nvidia")
@@ -298,21 +301,3 @@ def spawn_two_ranks(target, args: tuple, timeout: float = 300.0) -> None:
         for p in ctx.processes:
             if p.is_alive():
                 p.kill()
-
-
-def load_value_models_with_sdpa() -> None:
-    """verl 0.9.1 loads value models with attn_implementation="flash_attention_2" hard-coded, and
-    flash-attn has no CPU build: load the same class with SDPA instead (the only change)."""
-    import verl.utils.model as verl_model
-    from transformers import AutoModelForTokenClassification
-
-    def load_valuehead_model(local_path, torch_dtype, model_config, trust_remote_code):
-        return AutoModelForTokenClassification.from_pretrained(
-            local_path,
-            torch_dtype=torch_dtype,
-            config=model_config,
-            attn_implementation="sdpa",
-            trust_remote_code=trust_remote_code,
-        )
-
-    verl_model.load_valuehead_model = load_valuehead_model

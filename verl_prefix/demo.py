@@ -210,6 +210,19 @@ def run_overrides(cfg: DemoConfig, out: Path, reuse: bool) -> list[str]:
         f"trainer.experiment_name={'reuse' if reuse else 'baseline'}",
         "trainer.logger=[console,file,tensorboard]",
         f"actor_rollout_ref.actor.prefix_reuse.enable={str(reuse).lower()}",
+        # the critic, used with algorithm.adv_estimator=gae (a value head on the same tiny model)
+        f"critic.model.path={model}",
+        f"critic.model.tokenizer_path={model}",
+        "critic.model.use_remove_padding=True",
+        "critic.model.enable_gradient_checkpointing=True",
+        "+critic.model.override_config.attn_implementation=sdpa",
+        "critic.strategy=fsdp2",
+        "critic.fsdp.model_dtype=fp32",
+        "+critic.fsdp.mixed_precision={param_dtype:fp32,reduce_dtype:fp32,buffer_dtype:fp32}",
+        "critic.fsdp.use_torch_compile=False",
+        f"critic.ppo_mini_batch_size={cfg.prompts_per_step}",
+        "critic.ppo_micro_batch_size_per_gpu=8",
+        f"critic.prefix_reuse.enable={str(reuse).lower()}",
     ]
     if reuse:
         # the in-loop dense check doubles an update's work: once, at the last step, so the steps

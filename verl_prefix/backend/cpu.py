@@ -14,6 +14,8 @@ verl: the driver, the Ray task runner and every worker).
   accelerator: the same policy, unpinned.
 - `VERL_ENGINE_DEVICE=cuda`: verl registers its FSDP engines for "cuda"/"npu" only; the engine
   lookup key is all this changes (the engine then runs on whatever device the platform reports).
+- verl 0.9.1 loads value models (the critic) with `attn_implementation="flash_attention_2"`
+  hard-coded, and flash-attn has no CPU build: the same class is loaded with SDPA.
 """
 
 from __future__ import annotations
@@ -167,6 +169,25 @@ def _patch_verl_for_cpu() -> None:
     )
     # pinning needs an accelerator: the same offload policy, unpinned
     fsdp_impl.CPUOffloadPolicy = lambda pin_memory=True: CPUOffloadPolicy(pin_memory=False)
+    load_value_models_with_sdpa()
+
+
+def load_value_models_with_sdpa() -> None:
+    """verl 0.9.1 loads value models with flash_attention_2 hard-coded; flash-attn has no CPU build:
+    load the same class with SDPA instead (the only change)."""
+    import verl.utils.model as verl_model
+    from transformers import AutoModelForTokenClassification
+
+    def load_valuehead_model(local_path, torch_dtype, model_config, trust_remote_code):
+        return AutoModelForTokenClassification.from_pretrained(
+            local_path,
+            torch_dtype=torch_dtype,
+            config=model_config,
+            attn_implementation="sdpa",
+            trust_remote_code=trust_remote_code,
+        )
+
+    verl_model.load_valuehead_model = load_valuehead_model
 
 
 def selected_by_environment() -> bool:
