@@ -77,3 +77,36 @@ def test_demo_reward_moves_with_digits(tmp_path):
     exec((tmp_path / "reward.py").read_text(), namespace)
     score = namespace["compute_score"]
     assert score("x", "abcd", "") == 0 and score("x", "12ab", "") == 0.5
+
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory):
+    from verl_prefix.demo import save_model
+
+    out = tmp_path_factory.mktemp("demo")
+    save_model(out / "model", seed=0)
+    return out
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+@pytest.mark.parametrize("extra", [[], ["algorithm.adv_estimator=gae"]])
+def test_demo_overrides_compose_into_valid_configs(demo_out, reuse, extra, monkeypatch):
+    """Every override the demo passes is a real verl / verl-prefix key, and the configs build
+    (actor and critic config classes validate prefix_reuse, FSDP2 included)."""
+    from hydra import compose, initialize_config_module
+    from verl.utils.config import omega_conf_to_dataclass
+
+    from verl_prefix.backend import preflight as preflight_module
+    from verl_prefix.backend.preflight import preflight
+    from verl_prefix.demo import DemoConfig, run_overrides
+
+    monkeypatch.setattr(preflight_module, "_installed", lambda module: True)  # vLLM: the demo environment's
+
+    overrides = run_overrides(DemoConfig(overrides=extra), demo_out, reuse)
+    with initialize_config_module(config_module="verl_prefix.configs", version_base=None):
+        config = compose(config_name="prefix_reuse_ppo", overrides=overrides)
+    actor = omega_conf_to_dataclass(config.actor_rollout_ref.actor)
+    critic = omega_conf_to_dataclass(config.critic)
+    assert actor.prefix_reuse.enable is reuse and critic.prefix_reuse.enable is reuse
+    assert actor.prefix_reuse.verify_every == (DemoConfig.steps if reuse else 0)
+    assert preflight(config) == []  # actor and critic agree; no warning

@@ -57,7 +57,8 @@ def preflight(config: DictConfig) -> list[str]:
     if rollout == "vllm" and not _installed("vllm"):
         raise ValueError(
             "actor_rollout_ref.rollout.name=vllm but vLLM is not installed: pip install 'verl-prefix[gpu]' "
-            "(or verl's vllm extra), or choose another rollout engine (e.g. rollout.name=sglang)."
+            "(or verl's vllm extra; on a CPU machine scripts/install-cpu-demo.sh), or choose another rollout "
+            "engine (e.g. rollout.name=sglang)."
         )
     if _uses_critic(config) and actor.get("enable", False) != critic.get("enable", False):
         on, off = (ACTOR, CRITIC) if actor.get("enable", False) else (CRITIC, ACTOR)
