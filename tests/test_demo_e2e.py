@@ -65,18 +65,16 @@ def _tail(path: Path) -> str:
 
 
 def test_reuse_run_reuses_every_step_and_matches_dense_in_the_loop(demo):
-    out, stdout = demo
+    out, stdout, algorithm = demo
     reuse = _records(out / "reuse" / "metrics.jsonl")
     assert [r["training/global_step"] for r in reuse] == list(range(1, STEPS + 1))
-    for r in reuse:
-        assert r["actor/prefix_reuse/groups"] > 0 and r["actor/prefix_reuse/fallbacks"] == 0
-        assert r["actor/prefix_reuse/prefix_tokens"] > 0
-    verified = [
-        r["actor/prefix_reuse/verify_max_grad_rel_diff"]
-        for r in reuse
-        if "actor/prefix_reuse/verify_max_grad_rel_diff" in r
-    ]
-    assert verified and max(verified) < 1e-5, verified
+    for role in ["actor", "critic"] if algorithm == "gae" else ["actor"]:
+        for r in reuse:
+            assert r[f"{role}/prefix_reuse/groups"] > 0 and r[f"{role}/prefix_reuse/fallbacks"] == 0
+            assert r[f"{role}/prefix_reuse/prefix_tokens"] > 0
+        key = f"{role}/prefix_reuse/verify_max_grad_rel_diff"
+        verified = [r[key] for r in reuse if key in r]
+        assert verified and max(verified) < 1e-5, (role, verified)
     assert "verify max grad rel diff" in stdout and "report" in stdout
 
 
