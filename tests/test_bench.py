@@ -143,7 +143,7 @@ def test_cli_bench_rejects_a_bad_point_before_running_any(flags, named, capsys):
 
 
 def _free_gib() -> float:
-    from verl_prefix.bench import available_bytes
+    from verl_prefix.core.memory import available_bytes
 
     return (available_bytes(torch.device("cpu")) or 0) / 2**30
 

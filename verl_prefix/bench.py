@@ -22,7 +22,7 @@ from .core import PrefixReuseConfig, forward_backward
 from .core.attention import check_backend
 from .core.config import ATTENTION_BACKENDS, PREFIX_ACTIVATION_MODES
 from .core.flops import FlopModel
-from .core.memory import current_bytes, phase_peak
+from .core.memory import available_bytes, current_bytes, phase_peak
 from .dense import LOGITS, dense_forward_backward
 from .random_models import FAMILIES, SHAPES, model_config, random_model, shaped_config
 
@@ -115,20 +115,6 @@ class BenchConfig:
                 f"weights and gradients alone need {need / 2**30:.1f} GiB, {self.device} has {free / 2**30:.1f} GiB "
                 "free; lower --num-layers (ratios hold per layer) or use a GPU."
             )
-
-
-def available_bytes(device: torch.device) -> int | None:
-    """Free memory of `device`: CUDA's free bytes, or the host's MemAvailable on CPU (Linux)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 @dataclass

@@ -35,15 +35,27 @@ def _reset_cpu_peak() -> bool:
         return False
 
 
-def _cpu_peak_bytes() -> int | None:
+def _proc_kib_as_bytes(path: str, key: str) -> int | None:
+    """A "<key> <n> kB" line of a /proc file, in bytes (None off Linux or when absent)."""
     try:
-        with open(_STATUS) as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def _cpu_peak_bytes() -> int | None:
+    return _proc_kib_as_bytes(_STATUS, "VmHWM:")
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory of `device`: CUDA's free bytes, or the host's MemAvailable on CPU (Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return _proc_kib_as_bytes("/proc/meminfo", "MemAvailable:")
 
 
 # Per CUDA device: the process-lifetime peak that per-phase resets hide from
