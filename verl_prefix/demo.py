@@ -125,7 +125,7 @@ def save_model(path: Path, seed: int) -> None:
         bos_token_id=0,
         eos_token_id=2,
         pad_token_id=0,
-        torch_dtype="float32",
+        dtype="float32",
     )
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
