@@ -25,6 +25,8 @@ def test_cli_prints_config_with_switch():
             "--cfg",
             "job",
             "actor_rollout_ref.actor.prefix_reuse.enable=true",
+            "actor_rollout_ref.actor.strategy=fsdp2",
+            "actor_rollout_ref.ref.strategy=fsdp2",
             "critic.prefix_reuse.prefix_activations=offload",
             "actor_rollout_ref.rollout.n=8",
         ],
@@ -37,6 +39,23 @@ def test_cli_prints_config_with_switch():
     assert cfg.critic.prefix_reuse.prefix_activations == "offload"
     assert cfg.trainer.v1.trainer_mode == "prefix_reuse"
     assert cfg.actor_rollout_ref.rollout.n == 8  # verl's own overrides still apply
+
+
+@pytest.mark.parametrize(
+    "overrides,named",
+    [
+        (["actor_rollout_ref.actor.prefix_reuse.attention=xformers"], "prefix_reuse.attention='xformers'"),
+        (["actor_rollout_ref.actor.prefix_reuse.enable=true"], "needs actor_rollout_ref.actor.strategy=fsdp2"),
+    ],
+)
+def test_cli_printing_the_config_checks_the_prefix_reuse_blocks(overrides, named):
+    """`--cfg job` never calls main: the blocks are checked before hydra prints them."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "verl_prefix.main_ppo", "--cfg", "job", *overrides], capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    last = proc.stderr.strip().splitlines()[-1]  # (verl's import warnings come before it)
+    assert last.startswith("verl_prefix.main_ppo: error:") and named in last
 
 
 def test_actor_and_critic_configs_instantiate_with_settings_on_engine(tmp_path):

@@ -35,20 +35,26 @@ def _uses_critic(config: DictConfig) -> bool:
     return OmegaConf.select(config, "algorithm.adv_estimator", default="gae") == "gae"
 
 
-def preflight(config: DictConfig) -> list[str]:
-    """Raise ValueError for settings that cannot run here; return (and log) warnings."""
-    warnings: list[str] = []
-    actor, critic = _settings(config, ACTOR), _settings(config, CRITIC)
-    for path, block in ((ACTOR, actor), (CRITIC, critic)):
-        if not block.get("enable", False):
-            continue
-        settings = as_settings(block, path)
+def check_blocks(config: DictConfig) -> None:
+    """The `prefix_reuse` blocks' values (as verl's config classes check them, enabled or not) and,
+    where enabled, their roles' strategies. No environment checks."""
+    for path in (ACTOR, CRITIC):
+        settings = as_settings(_settings(config, path), path)
         # the reference policy runs on the actor's settings (verl_prefix.backend.workers)
         roles = ["actor_rollout_ref.actor", "actor_rollout_ref.ref"] if path == ACTOR else ["critic"]
         for role in roles:
             key = f"{role}.strategy"
             check_settings(settings, path, OmegaConf.select(config, key, default=None), key)
-        if block.get("attention", "sdpa") == "flash_attn" and not _installed("flash_attn"):
+
+
+def preflight(config: DictConfig) -> list[str]:
+    """Raise ValueError for settings that cannot run here; return (and log) warnings."""
+    warnings: list[str] = []
+    check_blocks(config)
+    actor, critic = _settings(config, ACTOR), _settings(config, CRITIC)
+    for path, block in ((ACTOR, actor), (CRITIC, critic)):
+        wants_flash = block.get("enable", False) and block.get("attention", "sdpa") == "flash_attn"
+        if wants_flash and not _installed("flash_attn"):
             raise ValueError(
                 f"{path}.attention=flash_attn but flash-attn is not installed: "
                 "pip install 'verl-prefix[gpu]', or set attention=flex (CUDA) or sdpa."
