@@ -13,13 +13,14 @@ Layout of `--out`: `model/`, `data/`, `baseline/` and `reuse/` (each `metrics.js
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .compare import Run, compare_runs, load_run
 
 SYSTEM_PROMPT = (
     "You are a careful assistant with access to the tools below. Answer with digits whenever you can.\n"
@@ -262,7 +263,7 @@ def run_one(cfg: DemoConfig, out: Path, reuse: bool) -> Path:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=run_env(cfg, run_dir), cwd=run_dir)
         while proc.poll() is None:
             time.sleep(2)
-            done = len(_records(run_dir / "metrics.jsonl"))
+            done = _steps_logged(run_dir / "metrics.jsonl")
             print(f"\r{label} step {done}/{cfg.steps}  {time.perf_counter() - start:5.0f} s", end="", file=sys.stderr)
     print(file=sys.stderr)
     if proc.returncode != 0:
@@ -270,51 +271,39 @@ def run_one(cfg: DemoConfig, out: Path, reuse: bool) -> Path:
     return run_dir
 
 
-def _records(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:  # a line still being written
-            continue
-    return out
-
-
-def _data(record: dict) -> dict:
-    return record.get("data", record)
-
-
-def _metric(records: list[dict], key: str) -> list[float]:
-    return [float(_data(r)[key]) for r in records if key in _data(r)]
+def _steps_logged(path: Path) -> int:
+    """Complete lines of the file tracker's JSONL (one per finished step)."""
+    return path.read_text().count("\n") if path.exists() else 0
 
 
 VERIFY_KEY = "actor/prefix_reuse/verify_max_grad_rel_diff"
 
 
-def _update_seconds(records: list[dict]) -> list[float]:
+def _values(run: Run, key: str, steps: set[int] | None = None) -> list[float]:
+    return [v for step, v in run.series.get(key, []) if steps is None or step in steps]
+
+
+def _update_seconds(run: Run) -> list[float]:
     """`timing_s/update_actor` of the steps that time the update alone: not the first (warm-up)
     when others remain, not a step that also ran the dense check."""
-    clean = [r for r in records if VERIFY_KEY not in _data(r)]
-    clean = clean[1:] if len(clean) > 1 else clean
-    return _metric(clean, "timing_s/update_actor")
+    verified = {step for step, _ in run.series.get(VERIFY_KEY, [])}
+    clean = [step for step, _ in run.series.get("timing_s/update_actor", []) if step not in verified]
+    return _values(run, "timing_s/update_actor", set(clean[1:] if len(clean) > 1 else clean))
 
 
-def summary(out: Path) -> str:
+def summary(baseline: Run, reuse: Run, report: Path) -> str:
     """One line: update time dense vs reuse, speedup, tokens saved, verify difference, report path."""
-    base, reuse = _records(out / "baseline" / "metrics.jsonl"), _records(out / "reuse" / "metrics.jsonl")
-    t_base, t_reuse = _update_seconds(base), _update_seconds(reuse)
-    prefix = _metric(reuse, "actor/prefix_reuse/prefix_tokens")
-    suffix = _metric(reuse, "actor/prefix_reuse/suffix_tokens")
-    dense = _metric(reuse, "actor/prefix_reuse/dense_tokens")
-    verify = _metric(reuse, VERIFY_KEY)
+    t_base, t_reuse = _update_seconds(baseline), _update_seconds(reuse)
+    prefix = _values(reuse, "actor/prefix_reuse/prefix_tokens")
+    suffix = _values(reuse, "actor/prefix_reuse/suffix_tokens")
+    dense = _values(reuse, "actor/prefix_reuse/dense_tokens")
+    verify = _values(reuse, VERIFY_KEY)
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
     saved = 1 - (sum(prefix) + sum(suffix)) / sum(dense) if dense else float("nan")
     return (
         f"update_actor {mean(t_base):.2f} s stock vs {mean(t_reuse):.2f} s reuse "
         f"({mean(t_base) / mean(t_reuse):.2f}x); tokens computed {100 * saved:.0f}% fewer; "
-        f"verify max grad rel diff {max(verify) if verify else float('nan'):.1e}; report {out / 'report.html'}"
+        f"verify max grad rel diff {max(verify) if verify else float('nan'):.1e}; report {report}"
     )
 
 
@@ -327,14 +316,10 @@ def run_demo(cfg: DemoConfig) -> int:
     write_dataset(out / "data", rows=cfg.prompts_per_step * cfg.steps * 2, seed=cfg.seed)
     for reuse in (False, True):
         run_one(cfg, out, reuse)
-    from .compare import compare_runs, load_run
-
-    paths = compare_runs(
-        load_run(out / "baseline" / "metrics.jsonl", "baseline"),
-        load_run(out / "reuse" / "metrics.jsonl", "reuse"),
-        out / "report_files",
-    )
+    baseline = load_run(out / "baseline" / "metrics.jsonl", "baseline")
+    reuse = load_run(out / "reuse" / "metrics.jsonl", "reuse")
+    paths = compare_runs(baseline, reuse, out / "report_files")
     (out / "report.png").write_bytes(paths.png.read_bytes())
     (out / "report.html").write_text(paths.html.read_text(encoding="utf-8"), encoding="utf-8")
-    print(summary(out))
+    print(summary(baseline, reuse, out / "report.html"))
     return 0
