@@ -19,8 +19,6 @@ from verl_prefix.backend.cpu import (  # noqa: F401  (re-exported for outside ch
     load_value_models_with_sdpa,
 )
 
-os.environ.setdefault("VERL_ENGINE_DEVICE", "cuda")
-os.environ.setdefault("VERL_ENGINE_VENDOR", "nvidia")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 

@@ -154,8 +154,7 @@ class BenchResult:
 
     @property
     def noisy(self) -> bool:
-        """A side whose slowest repeat took over 1.25x its fastest: the machine was not quiet."""
-        return any(t and max(t) > NOISY_SPREAD * min(t) for t in (self.dense_times, self.reuse_times))
+        return is_noisy(self.dense_times) or is_noisy(self.reuse_times)
 
     def as_dict(self) -> dict:
         return {**asdict(self), "noisy": self.noisy}
@@ -374,11 +373,16 @@ def _mib(v: int | None) -> str:
     return f"{v / 2**20:.0f} MiB" if v is not None else "n/a"
 
 
+def is_noisy(times: list[float]) -> bool:
+    """The slowest repeat took over NOISY_SPREAD x the fastest: the machine was not quiet."""
+    return bool(times) and max(times) > NOISY_SPREAD * min(times)
+
+
 def _spread(times: list[float]) -> str:
     """min-max of the repeats in ms, flagged when the spread marks a noisy machine."""
     if not times:
         return "no repeats"
-    flag = " NOISY" if max(times) > NOISY_SPREAD * min(times) else ""
+    flag = " NOISY" if is_noisy(times) else ""
     return f"min {min(times) * 1e3:.1f} max {max(times) * 1e3:.1f}{flag}"
 
 

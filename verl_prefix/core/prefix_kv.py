@@ -88,15 +88,6 @@ class PrefixKV:
         self.kv.pop(chunk, None)
         self.grad.pop(chunk, None)
 
-    def nbytes(self) -> int:
-        return sum(
-            t.numel() * t.element_size()
-            for store in (self.kv, self.grad)
-            for layers in store.values()
-            for pair in layers.values()
-            for t in pair
-        )
-
 
 class _ReadPrefix(torch.autograd.Function):
     """Identity on a prefix's K/V slice; backward adds gK/gV into the PrefixKV accumulators."""

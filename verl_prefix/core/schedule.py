@@ -537,7 +537,7 @@ def _validate(
             f"input_ids, response_start and group_ids must have one entry per row; got lengths "
             f"{n}, {len(response_start)}, {len(group_ids)}."
         )
-    device = next(model.parameters()).device
+    device = _model_device(model)
     rows = []
     for i, (row, start) in enumerate(zip(input_ids, response_start, strict=True)):
         if not isinstance(row, torch.Tensor) or row.dim() != 1 or row.dtype not in (torch.long, torch.int):
