@@ -57,14 +57,15 @@ def _assert_equivalent(model, batch, config, tol):
     return stats
 
 
+@pytest.mark.parametrize("attention", ["merged", "sdpa"])
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("mode", ["keep", "offload", "recompute"])
 @pytest.mark.parametrize("kind", CONFIGS)
-def test_matches_dense_fp64(kind, mode, case):
+def test_matches_dense_fp64(kind, mode, case, attention):
     spec, budget = CASES[case]
     batch = make_batch(**spec, seed=list(CASES).index(case))
     model = build(kind, torch.float64)
-    config = PrefixReuseConfig(max_tokens_per_micro_batch=budget, prefix_activations=mode)
+    config = PrefixReuseConfig(max_tokens_per_micro_batch=budget, prefix_activations=mode, attention=attention)
     stats = _assert_equivalent(model, batch, config, FP64_TOL)
     assert stats.rows == len(batch.input_ids)
     assert stats.prefix_tokens + stats.suffix_tokens < stats.dense_tokens or stats.groups == 0
@@ -78,7 +79,7 @@ def test_matches_dense_fp32(kind):
     _assert_equivalent(model, batch, PrefixReuseConfig(max_tokens_per_micro_batch=budget), FP32_TOL)
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "flex"])
+@pytest.mark.parametrize("attention", ["merged", "sdpa", "flex"])
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("kind", CONFIGS)
 def test_log_probs_match_dense(kind, case, attention):
@@ -225,7 +226,6 @@ def test_lower_right_causal_bias_path(kind, monkeypatch):
     monkeypatch.setattr(attention, "_flash_takes_lower_right", take)
     spec, budget = CASES["group_sizes_1_to_8"]
     batch = make_batch(**spec, seed=4)
-    _assert_equivalent(
-        build(kind, torch.float64), batch, PrefixReuseConfig(max_tokens_per_micro_batch=budget), FP64_TOL
-    )
+    config = PrefixReuseConfig(max_tokens_per_micro_batch=budget, attention="sdpa")
+    _assert_equivalent(build(kind, torch.float64), batch, config, FP64_TOL)
     assert calls  # the bias path ran

@@ -39,7 +39,7 @@ class PrefixReuseSettings(BaseConfig):
     """
 
     enable: bool = False
-    attention: str = "sdpa"
+    attention: str = "auto"
     prefix_activations: str = "keep"
     min_prefix_tokens: int = 1
     verify_every: int = 0

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from . import merged_attention
 from .prefix_kv import PrefixKV, PrefixRef
 
 ATTENTION_NAME = "verl_prefix"
@@ -233,12 +234,31 @@ def _flex(ctx: AttentionContext, layer: int, q, k, v, scaling: float, dropout: f
         return flex_attention(q, k, v, block_mask=block_mask, scale=scaling, enable_gqa=gqa)
 
 
+def _merged(ctx: AttentionContext, layer: int, q, k, v, scaling: float, dropout: float) -> torch.Tensor:
+    """LSE-merged kernels (`merged_attention`); layers with attention dropout take the reference."""
+    if dropout:
+        return _sdpa(ctx, layer, q, k, v, scaling, dropout)
+    return merged_attention.merged_attention(q, k, v, ctx.blocks, ctx.prefix_kv, layer, scaling)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend "auto" stands for on `device`: the fastest exact one there."""
+    if backend != "auto":
+        return backend
+    return "merged" if merged_attention.available(device) else "sdpa"
+
+
 def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
 def check_backend(backend: str, device: torch.device, needs_grad: bool) -> None:
     """Raise ValueError naming the setting and the fix if `backend` cannot run here."""
+    if backend == "merged" and not merged_attention.available(device):
+        raise ValueError(
+            f"PrefixReuseConfig.attention='merged' has no kernels on {device.type} yet; "
+            "use attention='auto' (picks the fastest exact backend per device) or 'sdpa'."
+        )
     if backend == "flash_attn":
         if not flash_attn_available():
             raise ValueError(
@@ -300,7 +320,7 @@ def _flash_attn(ctx: AttentionContext, layer: int, q, k, v, scaling: float, drop
     return out.transpose(0, 1).unsqueeze(0)
 
 
-_BACKENDS = {"sdpa": _sdpa, "flex": _flex, "flash_attn": _flash_attn}
+_BACKENDS = {"sdpa": _sdpa, "merged": _merged, "flex": _flex, "flash_attn": _flash_attn}
 
 
 def prefix_attention(

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-AttentionBackend = Literal["sdpa", "flex", "flash_attn"]
+AttentionBackend = Literal["auto", "merged", "sdpa", "flex", "flash_attn"]
 PrefixActivations = Literal["keep", "offload", "recompute"]
 
-ATTENTION_BACKENDS: tuple[str, ...] = ("sdpa", "flex", "flash_attn")
+ATTENTION_BACKENDS: tuple[str, ...] = ("auto", "merged", "sdpa", "flex", "flash_attn")
 PREFIX_ACTIVATION_MODES: tuple[str, ...] = ("keep", "offload", "recompute")
 
 
@@ -20,9 +20,11 @@ class PrefixReuseConfig:
         max_tokens_per_micro_batch: token budget of one suffix micro-batch (sum of suffix lengths) and
             of one Phase-A prefix chunk. A single suffix longer than the budget is an error; a single
             prefix longer than it runs alone in its chunk (a prefix is never split). None = no limit.
-        attention: "sdpa" (masked reference, any device), "flex" (FlexAttention over packed
-            [prefixes ; suffixes], prefix K/V never duplicated; forward-only on CPU), or "flash_attn"
-            (varlen kernel, CUDA + flash-attn installed).
+        attention: "auto" (the fastest exact backend of the device: "merged" on CPU, "sdpa"
+            elsewhere), "merged" (per block one prefix call and per-row causal calls merged by
+            log-sum-exp, kernel-only backward; CPU), "sdpa" (masked reference, any device), "flex"
+            (FlexAttention over packed [prefixes ; suffixes], prefix K/V never duplicated;
+            forward-only on CPU), or "flash_attn" (varlen kernel, CUDA + flash-attn installed).
         prefix_activations: what happens to the dormant prefix graph during Phase B: "keep" it,
             "offload" its saved tensors to CPU, or "recompute" the prefix forward in Phase C.
         min_prefix_tokens: groups whose shared prefix is shorter than this run dense.
@@ -34,7 +36,7 @@ class PrefixReuseConfig:
     """
 
     max_tokens_per_micro_batch: int | None = 4096
-    attention: AttentionBackend = "sdpa"
+    attention: AttentionBackend = "auto"
     prefix_activations: PrefixActivations = "keep"
     min_prefix_tokens: int = 1
     temperature: float = 1.0
@@ -70,7 +72,7 @@ class PrefixReuseConfig:
 class ScheduleStats:
     """What one schedule call did and cost.
 
-    Token counts are exact; `flop_bound` is the dense/reuse FLOP ratio of this batch (DESIGN.md §1:
+    Token counts are exact; `flop_bound` is the dense/reuse FLOP ratio of this batch (docs/design.md, "FLOP bound":
     token-linear work, causal attention pairs and the lm_head, training = 3x forward, plus one prefix
     forward when prefix activations are recomputed). Seconds are wall time per phase. Peak memory is
     in bytes per phase: CUDA `max_memory_allocated` (reset at each phase start) on GPU, the process's

@@ -57,14 +57,18 @@ class PrefixKV:
     def read(self, ref: PrefixRef, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The prefix K/V of `ref` at `layer` (views, no copy); under grad mode their gradient is
         added to the chunk's accumulators."""
-        k, v = self.kv[ref.chunk][layer]
-        k, v = k[:, :, ref.start : ref.end], v[:, :, ref.start : ref.end]
+        k, v = self.view(ref, layer)
         if not torch.is_grad_enabled():
             return k, v
         if self._anchor is None:
             # makes `_ReadPrefix`'s outputs require grad, so autograd runs its backward; never updated
             self._anchor = torch.zeros((), device=k.device, requires_grad=True)
         return _ReadPrefix.apply(self._anchor, k, v, self, ref, layer)
+
+    def view(self, ref: PrefixRef, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefix K/V of `ref` at `layer`: views into the chunk's store, outside autograd."""
+        k, v = self.kv[ref.chunk][layer]
+        return k[:, :, ref.start : ref.end], v[:, :, ref.start : ref.end]
 
     def add_grad(self, ref: PrefixRef, layer: int, grad_k: torch.Tensor, grad_v: torch.Tensor) -> None:
         layers = self.grad.setdefault(ref.chunk, {})

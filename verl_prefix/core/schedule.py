@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -28,7 +28,7 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES,
 )
 
-from .attention import ATTENTION_NAME, CONTEXT_KWARG, AttentionContext, Block, check_backend, register
+from .attention import ATTENTION_NAME, CONTEXT_KWARG, AttentionContext, Block, check_backend, register, resolve_backend
 from .config import PrefixReuseConfig, ScheduleStats
 from .flops import FlopModel
 from .memory import phase_peak, saved_tensors_on_cpu
@@ -180,6 +180,7 @@ def _start(model, input_ids, response_start, group_ids, config, runtime, readout
     error: ValueError | None = None
     try:
         rows, device = _validate(model, input_ids, response_start, group_ids, config, needs_grad, readout)
+        config = replace(config, attention=resolve_backend(config.attention, device))
         _check_row_temperature(row_temperature, len(rows))
         plan = make_plan(rows, response_start, group_ids, config.max_tokens_per_micro_batch, config.min_prefix_tokens)
         counts = [len(plan.prefix_chunks), len(plan.micro_batches)]
@@ -348,7 +349,7 @@ def _suffix_forward(
         router_out.append(output.router_logits)
     else:
         output = step.model(**inputs, logits_to_keep=keep_idx)
-    logits = output.logits[0]
+    logits = output.logits.squeeze(0)  # a view: indexing [0] would zero-fill a [1, N, V] gradient
     temperature: float | torch.Tensor = step.config.temperature
     if step.row_temperature is not None:
         temperature = torch.cat(
@@ -552,5 +553,5 @@ def _validate(
                 "first response token; at least one prompt and one response token)."
             )
         rows.append(row.to(device=device, dtype=torch.long))
-    check_backend(config.attention, device, needs_grad)
+    check_backend(resolve_backend(config.attention, device), device, needs_grad)
     return rows, device
