@@ -132,7 +132,7 @@ def test_actor_update_matches_stock(actor_dir, use_remove_padding, use_dynamic_b
     assert reuse_metrics["prefix_reuse/prefix_tokens"] == [19.0 + 13.0]
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])  # 0: greedy rollouts (verl clamps to 1e-8)
 def test_log_probs_match_stock(actor_dir, temperature):
     kwargs = engine_kwargs(True)
     stock = vs.build_worker(actor_dir, reuse=False, **kwargs)

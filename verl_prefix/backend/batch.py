@@ -28,6 +28,9 @@ def prompt_lengths(data: TensorDict) -> torch.Tensor:
     return data["attention_mask"][:, : prompts.shape[1]].sum(dim=1)
 
 
+MIN_TEMPERATURE = 1e-8  # verl's FSDP engine's floor on the logits' temperature
+
+
 def schedule_rows(data: TensorDict) -> ScheduleRows:
     """Rows, response starts, uids and per-sample temperatures of a NO_PADDING mini-batch."""
     input_ids = data["input_ids"]
@@ -44,6 +47,9 @@ def schedule_rows(data: TensorDict) -> ScheduleRows:
         row_temperature = [float(t) for t in temperature.reshape(-1)]
     else:
         row_temperature = [float(temperature)] * len(rows)
+    # greedy rollouts (rollout.temperature=0) reach the engine as temperature 0: verl's engine divides
+    # the logits by temperature.clamp(min=1e-8), so the schedule does the same
+    row_temperature = [max(t, MIN_TEMPERATURE) for t in row_temperature]
     return ScheduleRows(rows, starts, list(uids), row_temperature)
 
 
