@@ -43,6 +43,23 @@ def test_bench_result_fields():
     assert res.capacity is None
 
 
+def test_forward_only_point_compares_log_probs():
+    res = run_bench(BenchConfig(**SMALL, repeats=1, max_tokens_per_micro_batch=64, forward_only=True))
+    assert res.max_grad_rel_diff < 1e-5  # log-probs, fp32
+    assert res.flop_bound > 1.5 and res.phase_seconds == {}
+
+
+@pytest.mark.parametrize("forward_only", [False, True])
+def test_engine_peer_is_verl_stock_engine_on_the_same_mini_batch(forward_only):
+    """--engine: verl's stock FSDP engine and verl-prefix's engine, same mini-batch, agree (fp32)."""
+    cfg = BenchConfig(**SMALL, repeats=1, max_tokens_per_micro_batch=64, engine=True, forward_only=forward_only)
+    cfg.check()
+    res = run_bench(cfg)
+    assert res.engine is not None and res.engine.max_rel_diff < 1e-5
+    assert len(res.engine.stock_times) == len(res.engine.reuse_times) == 1
+    assert res.engine.flop_bound == res.flop_bound
+
+
 def test_cli_bench_single_point_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", *small_args(prefix_activations="recompute"), "--quiet", "--json", str(out)]) == 0
@@ -130,6 +147,7 @@ def test_shipped_shapes_build_without_download(name):
         (["--prefix-len", "0"], "--prefix-len=0 must be >= 1"),
         (["--device", "cuda"], "--device=cuda but this torch"),
         (["--model", "qwen3-8b"], "weights and gradients alone need 61.0 GiB"),
+        (["--engine", "true", "--dtype", "float64"], "--engine true with --dtype=float64"),
     ],
 )
 def test_cli_bench_rejects_a_bad_point_before_running_any(flags, named, capsys):
@@ -163,4 +181,4 @@ def test_cli_help_lists_meanings_and_choices(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--help"])
     out = capsys.readouterr().out
-    assert "{sdpa,flex,flash_attn}" in out and "shared prompt tokens per group" in out
+    assert "{auto,merged,sdpa,flex,flash_attn}" in out and "shared prompt tokens per group" in out

@@ -1,4 +1,4 @@
-"""The FLOP bound reproduces DESIGN.md's worked Llama3-8B figures."""
+"""The FLOP bound reproduces the worked Llama3-8B figures of docs/design.md."""
 
 import pytest
 from transformers import LlamaConfig
@@ -27,7 +27,7 @@ LLAMA3_8B = LlamaConfig(
 )
 def test_design_doc_figures(prefix, suffix, group, expected):
     flops = FlopModel.from_config(LLAMA3_8B)
-    # DESIGN.md charges the reuse side an lm_head over the prefix too.
+    # docs/design.md's figures charge the reuse side an lm_head over the prefix too.
     conservative = flops.training_ratio([prefix], [[suffix] * group], prefix_lm_head=True)
     assert conservative == pytest.approx(expected, abs=0.006)
     # The schedule skips the prefix lm_head, so its own bound is higher; recompute costs a prefix forward.

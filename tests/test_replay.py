@@ -19,7 +19,7 @@ def test_replay_fp64_tracks_dense_step_by_step():
     for r in result.steps:
         # step 0 starts from identical weights; later steps carry the (tiny) parameter drift
         assert r.loss_reuse == pytest.approx(r.loss_dense, rel=1e-9 if r.step == 0 else 1e-6)
-        # HF computes RMSNorm and the router in fp32 even in fp64 (DESIGN.md §3): ~1e-7, not 1e-15
+        # HF computes RMSNorm and the router in fp32 even in fp64 (transformers' own choice): ~1e-7, not 1e-15
         assert r.grad_rel_diff < 1e-5
         assert r.param_drift < 1e-3
     # the trace is off-policy after step 0 (old log-probs from the initial weights): losses move

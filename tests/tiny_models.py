@@ -57,7 +57,7 @@ def _router_same_dtype(self, hidden_states: torch.Tensor):
 
 
 def keep_input_dtype(model: torch.nn.Module) -> torch.nn.Module:
-    """Test-only: HF's RMSNorm and MoE router compute in fp32 even for fp64 models (DESIGN.md §3).
+    """Test-only: HF's RMSNorm and MoE router compute in fp32 even for fp64 models (transformers' own choice).
 
     Rebind them to compute in the input dtype so fp64 comparisons can be tight. Both dense and
     reuse runs use the patched model, so the comparison stays like for like.

@@ -8,7 +8,6 @@ gloo, verl's configs, engines, losses, TensorDict layout) is real.
 from __future__ import annotations
 
 import os
-import socket
 import time
 from typing import Any
 
@@ -18,26 +17,18 @@ from verl_prefix.backend.cpu import (  # noqa: F401  (re-exported for outside ch
     install_cpu_platform,
     load_value_models_with_sdpa,
 )
+from verl_prefix.backend.harness import (  # noqa: F401  (re-exported for outside checks)
+    build_worker,
+    free_port,
+    init_process_group,
+    nested,
+    ppo_loss_fn,
+    rows_tensordict,
+    save_word_tokenizer,
+    value_loss_fn,
+)
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_process_group(rank: int = 0, world_size: int = 1, port: int | None = None) -> None:
-    """gloo process group (idempotent for world size 1)."""
-    if torch.distributed.is_initialized():
-        return
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port or free_port())
-    os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world_size)
-    os.environ["LOCAL_RANK"], os.environ["LOCAL_WORLD_SIZE"] = str(rank), str(world_size)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
-
 
 VOCAB = 128
 
@@ -47,16 +38,10 @@ def save_tiny_qwen3(
 ) -> str:
     """A tiny random Qwen3 (Qwen3-MoE with `moe`) and a word-level tokenizer, saved like a hub
     checkpoint; no download. `config_overrides` replace Qwen3Config fields (e.g. hidden_size)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
 
     from verl_prefix.random_models import model_config
 
-    vocab = {f"t{i}": i for i in range(VOCAB - 3)} | {"<pad>": VOCAB - 3, "<eos>": VOCAB - 2, "<unk>": VOCAB - 1}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-    fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
     dims = dict(
         hidden_size=32,
         num_layers=2,
@@ -82,90 +67,8 @@ def save_tiny_qwen3(
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     model.save_pretrained(path)
-    fast.save_pretrained(path)
+    save_word_tokenizer(path, VOCAB)
     return path
-
-
-def build_worker(model_dir: str, reuse: bool, model_type: str = "language_model", **engine_kwargs):
-    """verl's real TrainingWorker (FSDP2, fp32, SDPA) in this process.
-
-    reuse=False builds verl's stock engine class (the lookup skips verl-prefix's vendor keys);
-    reuse=True builds verl-prefix's engine with `prefix_reuse.enable=true`. `engine_kwargs` are
-    FSDPEngineConfig fields, plus `prefix_reuse` (settings dict), `use_remove_padding` and
-    `enable_gradient_checkpointing` (model config).
-    """
-    from verl.trainer.config import CheckpointConfig
-    from verl.workers.config import FSDPEngineConfig, FSDPOptimizerConfig, HFModelConfig
-    from verl.workers.config.engine import TrainingWorkerConfig
-    from verl.workers.engine_workers import TrainingWorker
-
-    from verl_prefix.backend.config import PrefixReuseSettings, attach
-    from verl_prefix.backend.registry import install_engines
-
-    install_engines()
-    settings = dict(engine_kwargs.pop("prefix_reuse", {}))
-    use_remove_padding = engine_kwargs.pop("use_remove_padding", True)
-    checkpointing = engine_kwargs.pop("enable_gradient_checkpointing", False)
-    model_config = HFModelConfig(
-        path=model_dir,
-        use_remove_padding=use_remove_padding,
-        enable_gradient_checkpointing=checkpointing,
-        override_config={"attn_implementation": "sdpa"},
-    )
-    fp32 = {"param_dtype": "fp32", "reduce_dtype": "fp32", "buffer_dtype": "fp32"}
-    defaults = dict(strategy="fsdp2", use_torch_compile=False, mixed_precision=fp32, model_dtype="fp32")
-    engine_config = FSDPEngineConfig(**{**defaults, **engine_kwargs})
-    if reuse:
-        attach(engine_config, PrefixReuseSettings(**{"enable": True, **settings}))
-    os.environ["VERL_ENGINE_VENDOR"] = "nvidia" if reuse else "stock"
-    try:
-        worker = TrainingWorker(
-            TrainingWorkerConfig(
-                model_type=model_type,
-                model_config=model_config,
-                engine_config=engine_config,
-                optimizer_config=FSDPOptimizerConfig(lr=1e-3),
-                checkpoint_config=CheckpointConfig(),
-            )
-        )
-    finally:
-        os.environ["VERL_ENGINE_VENDOR"] = "nvidia"
-    worker.reset()
-    return worker
-
-
-def nested(xs: list[torch.Tensor]) -> torch.Tensor:
-    return torch.nested.as_nested_tensor(xs, layout=torch.jagged)
-
-
-def rows_tensordict(prompts, responses, uids, response_fields: dict, **meta):
-    """verl's V1 update/log-prob TensorDict: nested (jagged) rows, response-length fields, uid."""
-    from verl.utils import tensordict_utils as tu
-
-    ids = [torch.cat([p, r]) for p, r in zip(prompts, responses, strict=True)]
-    mask = [torch.ones(len(r), dtype=torch.int64) for r in responses]
-    fields = dict(
-        input_ids=nested(ids),
-        position_ids=nested([torch.arange(len(x)) for x in ids]),
-        prompts=nested(list(prompts)),
-        responses=nested(list(responses)),
-        attention_mask=nested([torch.ones(len(x), dtype=torch.int64) for x in ids]),
-        response_mask=nested(mask),
-        loss_mask=nested([m.clone() for m in mask]),
-        uid=list(uids),
-        **{k: nested(list(v)) for k, v in response_fields.items()},
-    )
-    n = len(ids)
-    defaults = dict(
-        calculate_entropy=False,
-        global_batch_size=n,
-        mini_batch_size=n,
-        epochs=1,
-        seed=1,
-        dataloader_kwargs={"shuffle": False},
-        temperature=1.0,
-    )
-    return tu.get_tensordict(tensor_dict=fields, non_tensor_dict={**defaults, **meta})
 
 
 def make_batch(groups, seed: int = 0, calculate_entropy: bool = False, temperature: float = 1.0, critic=False):
@@ -196,25 +99,6 @@ def make_batch(groups, seed: int = 0, calculate_entropy: bool = False, temperatu
 def two_rank_grads(rank: int, port: int, model_dir: str, out_dir: str, groups_per_rank) -> None:
     """mp.spawn target: stock vs reuse gradients of one dp=2 mini-batch; rank 0 writes the result."""
     two_rank_compare(rank, port, model_dir, out_dir, {"groups_per_rank": groups_per_rank})
-
-
-def value_loss_fn():
-    from functools import partial
-
-    from verl.workers.config import FSDPCriticConfig
-    from verl.workers.utils.losses import value_loss
-
-    return partial(value_loss, config=FSDPCriticConfig(strategy="fsdp2", ppo_micro_batch_size_per_gpu=2, rollout_n=4))
-
-
-def ppo_loss_fn():
-    from functools import partial
-
-    from verl.workers.config import FSDPActorConfig
-    from verl.workers.utils.losses import ppo_loss
-
-    config = FSDPActorConfig(strategy="fsdp2", rollout_n=4, ppo_mini_batch_size=2, ppo_micro_batch_size_per_gpu=2)
-    return partial(ppo_loss, config=config)
 
 
 def two_rank_compare(rank: int, port: int, model_dir: str, out_dir: str, case: dict) -> None:

@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .core import PrefixReuseConfig, forward_backward
+from .bench_engine import EngineBenchResult, check_engine_bench, run_engine_bench
+from .core import PrefixReuseConfig, compute_log_probs, forward_backward
 from .core.attention import check_backend
 from .core.config import ATTENTION_BACKENDS, PREFIX_ACTIVATION_MODES
 from .core.flops import FlopModel
@@ -50,8 +51,14 @@ class BenchConfig:
     groups: int = opt(2, "groups in the batch")
     max_tokens_per_micro_batch: int = opt(4096, "token budget of a micro-batch (dense and suffix), >= --suffix-len")
     dense_logits: str = opt("all", "dense baseline's lm_head: at all positions (as verl) or response only", LOGITS)
-    attention: str = opt("sdpa", "the schedule's attention backend", ATTENTION_BACKENDS)
+    attention: str = opt("auto", "the schedule's attention backend", ATTENTION_BACKENDS)
     prefix_activations: str = opt("keep", "dormant prefix activations during Phase B", PREFIX_ACTIVATION_MODES)
+    forward_only: bool = opt(False, "time log-prob passes (no_grad) instead of training steps")
+    engine: bool = opt(
+        False,
+        "also time verl's stock FSDP engine against verl-prefix's engine on the same mini-batch "
+        "(FSDP2, remove-padding, dynamic batch size, the same token budget; needs verl)",
+    )
     dtype: str = opt("float32", "model dtype", DTYPES)
     device: str = opt("cpu", "cpu or cuda")
     repeats: int = opt(3, "timed steps per side after one warm-up")
@@ -84,6 +91,8 @@ class BenchConfig:
                 "or install the torch build for your CUDA."
             )
         self._check_memory()
+        if self.engine:
+            check_engine_bench(self)
         try:  # the schedule's own checks, with its messages
             PrefixReuseConfig(
                 max_tokens_per_micro_batch=self.max_tokens_per_micro_batch,
@@ -142,19 +151,21 @@ class BenchResult:
     speedup: float
     flop_bound: float
     efficiency: float  # speedup / flop_bound
-    max_grad_rel_diff: float  # max over parameters of max|g_reuse - g_dense| / max|g_dense|
+    max_grad_rel_diff: float  # max over parameters of max|g_reuse - g_dense| / max|g_dense| (forward-only: log-probs)
     phase_seconds: dict[str, float] = field(default_factory=dict)
     phase_peak_memory_bytes: dict[str, int | None] = field(default_factory=dict)
     dense_peak_memory_bytes: int | None = None
     idle_memory_bytes: int | None = None  # before a step: weights (and nothing else) resident
     phase_B_memory_saving: float | None = None  # 1 - (B peak - idle) / (dense peak - idle)
     capacity: Capacity | None = None
+    engine: EngineBenchResult | None = None  # --engine: stock verl engine vs verl-prefix's engine
     dense_times: list[float] = field(default_factory=list)  # every timed repeat, seconds
     reuse_times: list[float] = field(default_factory=list)
 
     @property
     def noisy(self) -> bool:
-        return is_noisy(self.dense_times) or is_noisy(self.reuse_times)
+        engine = [self.engine.stock_times, self.engine.reuse_times] if self.engine else []
+        return any(is_noisy(t) for t in [self.dense_times, self.reuse_times, *engine])
 
     def as_dict(self) -> dict:
         return {**asdict(self), "noisy": self.noisy}
@@ -235,26 +246,37 @@ def run_bench(cfg: BenchConfig, progress=None, model: torch.nn.Module | None = N
     dense_peak: dict[str, int | None] = {}
     stats_holder = {}
 
+    outputs: dict[str, list[torch.Tensor]] = {}
+
     def run_dense() -> None:
-        with phase_peak(device, dense_peak, "dense"):
-            dense_forward_backward(
-                model, rows, starts, loss_fn, cfg.max_tokens_per_micro_batch, logits=cfg.dense_logits
+        with phase_peak(device, dense_peak, "dense"), torch.set_grad_enabled(not cfg.forward_only):
+            outputs["dense"], _, _ = dense_forward_backward(
+                model,
+                rows,
+                starts,
+                None if cfg.forward_only else loss_fn,
+                cfg.max_tokens_per_micro_batch,
+                logits=cfg.dense_logits,
             )
 
     def run_reuse() -> None:
-        stats_holder["stats"] = forward_backward(model, rows, starts, uids, loss_fn, config)
+        if cfg.forward_only:  # no per-phase statistics: compute_log_probs returns log-probs only
+            outputs["reuse"] = compute_log_probs(model, rows, starts, uids, config)
+        else:
+            stats_holder["stats"] = forward_backward(model, rows, starts, uids, loss_fn, config)
 
-    # Warm-up (also the gradient comparison), then alternate timed repeats.
+    # Warm-up (also the gradient or log-prob comparison), then alternate timed repeats.
     model.zero_grad(set_to_none=True)
     run_dense()
-    dense_grads = _grads(model)
+    dense_out = outputs["dense"] if cfg.forward_only else _grads(model)
     run_reuse()
-    reuse_grads = _grads(model)
+    reuse_out = outputs["reuse"] if cfg.forward_only else _grads(model)
+    if cfg.forward_only:
+        dense_out, reuse_out = [torch.cat(dense_out)], [torch.cat(reuse_out)]
     diff = max(
-        ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-        for a, b in zip(reuse_grads, dense_grads, strict=True)
+        ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in zip(reuse_out, dense_out, strict=True)
     )
-    del dense_grads, reuse_grads
+    del dense_out, reuse_out
     idle = current_bytes(device)
     dense_times, reuse_times = [], []
     for r in range(cfg.repeats):
@@ -264,18 +286,24 @@ def run_bench(cfg: BenchConfig, progress=None, model: torch.nn.Module | None = N
         model.zero_grad(set_to_none=True)
         if progress:
             progress(r + 1, cfg.repeats)
-    stats = stats_holder["stats"]
+    stats = stats_holder.get("stats")
     dense_s, reuse_s = statistics.median(dense_times), statistics.median(reuse_times)
     speedup = dense_s / reuse_s
     # The bound of this batch against this dense baseline (its lm_head positions).
-    bound = FlopModel.from_config(model.config).training_ratio(
-        [cfg.prefix_len] * cfg.groups,
-        [[cfg.suffix_len] * cfg.group_size] * cfg.groups,
-        recompute=cfg.prefix_activations == "recompute",
-        dense_lm_head_all=cfg.dense_logits == "all",
-    )
+    flops = FlopModel.from_config(model.config)
+    prefixes, suffixes = [cfg.prefix_len] * cfg.groups, [[cfg.suffix_len] * cfg.group_size] * cfg.groups
+    if cfg.forward_only:
+        bound = flops.forward_ratio(prefixes, suffixes)
+    else:
+        bound = flops.training_ratio(
+            prefixes,
+            suffixes,
+            recompute=cfg.prefix_activations == "recompute",
+            dense_lm_head_all=cfg.dense_logits == "all",
+        )
     saving = None
-    phase_b, dense_max = stats.peak_memory_bytes.get("B"), dense_peak.get("dense")
+    phase_b = stats.peak_memory_bytes.get("B") if stats else None
+    dense_max = dense_peak.get("dense")
     if idle is not None and phase_b is not None and dense_max is not None and dense_max > idle:
         saving = 1.0 - (phase_b - idle) / (dense_max - idle)
     return BenchResult(
@@ -288,12 +316,13 @@ def run_bench(cfg: BenchConfig, progress=None, model: torch.nn.Module | None = N
         flop_bound=bound,
         efficiency=speedup / bound,
         max_grad_rel_diff=diff,
-        phase_seconds=dict(stats.seconds),
-        phase_peak_memory_bytes=dict(stats.peak_memory_bytes),
+        phase_seconds=dict(stats.seconds) if stats else {},
+        phase_peak_memory_bytes=dict(stats.peak_memory_bytes) if stats else {},
         dense_peak_memory_bytes=dense_max,
         idle_memory_bytes=idle,
         phase_B_memory_saving=saving,
         capacity=measure_capacity(cfg, model) if cfg.capacity else None,
+        engine=run_engine_bench(cfg, model) if cfg.engine else None,
     )
 
 
@@ -395,21 +424,30 @@ def format_result(res: BenchResult) -> str:
         else f"{c.model} (random weights){f', {c.num_layers} layers' if c.num_layers else ''}"
     )
     mem = {k: _mib(v) for k, v in res.phase_peak_memory_bytes.items()}
+    sec = {k: f"{v * 1e3:.1f}" for k, v in res.phase_seconds.items()}
+    what = "log-prob pass" if c.forward_only else "step"
     lines = [
         f"model      {model}, {c.dtype} on {c.device}",
         f"batch      {c.groups} groups x G={c.group_size}, prefix P={c.prefix_len}, suffix S={c.suffix_len}, "
         f"budget {c.max_tokens_per_micro_batch} tokens/micro-batch",
         f"reuse      attention={c.attention} prefix_activations={c.prefix_activations}; "
         f"dense logits at {c.dense_logits} positions",
-        f"grad diff  max relative |g_reuse - g_dense| = {res.max_grad_rel_diff:.2e}",
-        f"dense      {res.dense_seconds * 1e3:9.1f} ms / step (median of {c.repeats}; {_spread(res.dense_times)})",
-        f"reuse      {res.reuse_seconds * 1e3:9.1f} ms / step  "
-        f"(A {res.phase_seconds['A'] * 1e3:.1f} / B {res.phase_seconds['B'] * 1e3:.1f} / "
-        f"C {res.phase_seconds['C'] * 1e3:.1f} ms; {_spread(res.reuse_times)})",
-        f"peak mem   dense {_mib(res.dense_peak_memory_bytes)}; reuse A {mem['A']} / B {mem['B']} / C {mem['C']} "
-        f"(idle {_mib(res.idle_memory_bytes)})",
+        f"{'lp diff' if c.forward_only else 'grad diff'}  max relative |reuse - dense| = {res.max_grad_rel_diff:.2e}",
+        f"dense      {res.dense_seconds * 1e3:9.1f} ms / {what} (median of {c.repeats}; {_spread(res.dense_times)})",
+        f"reuse      {res.reuse_seconds * 1e3:9.1f} ms / {what}  "
+        f"(A {sec.get('A', '-')} / B {sec.get('B', '-')} / C {sec.get('C', '-')} ms; {_spread(res.reuse_times)})",
+        f"peak mem   dense {_mib(res.dense_peak_memory_bytes)}; reuse A {mem.get('A', '-')} / B {mem.get('B', '-')} / "
+        f"C {mem.get('C', '-')} (idle {_mib(res.idle_memory_bytes)})",
         f"speedup    {res.speedup:.2f}x   FLOP bound {res.flop_bound:.2f}x   efficiency {res.efficiency:.2f}",
     ]
+    if res.engine is not None:
+        e = res.engine
+        lines += [
+            f"verl stock {e.stock_seconds * 1e3:9.1f} ms / {what} (FSDPEngineWithLMHead; {_spread(e.stock_times)})",
+            f"verl reuse {e.reuse_seconds * 1e3:9.1f} ms / {what} (verl-prefix engine; {_spread(e.reuse_times)}); "
+            f"max relative diff {e.max_rel_diff:.2e}",
+            f"engines    {e.speedup:.2f}x   FLOP bound {e.flop_bound:.2f}x   efficiency {e.efficiency:.2f}",
+        ]
     if res.capacity is not None:
         cap = res.capacity
         capped = " (capped)" if cap.capped else ""

@@ -176,7 +176,7 @@ def format_table(results: Sequence[BenchResult]) -> str:
     """One line per point: the figures docs/benchmarks.md records."""
     head = (
         "| P | S | G | attention | activations | dense ms | reuse ms | speedup | bound | eff. "
-        "| grad diff | dense MiB | A / B / C MiB | B saving | capacity |"
+        "| grad diff | dense MiB | A / B / C MiB | B saving | capacity | verl stock ms | verl reuse ms | engines |"
     )
     # ms columns: median (min-max of the repeats); a trailing * marks a noisy point
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -184,12 +184,19 @@ def format_table(results: Sequence[BenchResult]) -> str:
         c, m = r.config, r.phase_peak_memory_bytes
         saving = f"{r.phase_B_memory_saving:.0%}" if r.phase_B_memory_saving is not None else "-"
         cap = f"{r.capacity.ratio:.2f}x" if r.capacity is not None else "-"
+        e = r.engine
+        engine = (
+            f"{_ms(e.stock_seconds, e.stock_times)} | {_ms(e.reuse_seconds, e.reuse_times)} "
+            f"| {e.speedup:.2f}x (eff. {e.efficiency:.2f})"
+            if e is not None
+            else "- | - | -"
+        )
         lines.append(
             f"| {c.prefix_len} | {c.suffix_len} | {c.group_size} | {c.attention} | {c.prefix_activations} "
             f"| {_ms(r.dense_seconds, r.dense_times)} | {_ms(r.reuse_seconds, r.reuse_times)} "
             f"| {r.speedup:.2f}x{'*' if r.noisy else ''} | {r.flop_bound:.2f}x "
             f"| {r.efficiency:.2f} | {r.max_grad_rel_diff:.1e} | {_mib(r.dense_peak_memory_bytes)} "
-            f"| {_mib(m.get('A'))} / {_mib(m.get('B'))} / {_mib(m.get('C'))} | {saving} | {cap} |"
+            f"| {_mib(m.get('A'))} / {_mib(m.get('B'))} / {_mib(m.get('C'))} | {saving} | {cap} | {engine} |"
         )
     return "\n".join(lines)
 

@@ -1,4 +1,4 @@
-"""The FLOP bound of DESIGN.md §1: dense FLOPs / shared-prefix FLOPs for a batch.
+"""The FLOP bound (docs/design.md): dense FLOPs / shared-prefix FLOPs for a batch.
 
 Counts matmul FLOPs only (2 per multiply-add). Per token: the decoder's projections and MLP
 (MoE: the routed experts a token visits plus the router), and the lm_head. Per attention pair
@@ -59,6 +59,16 @@ class FlopModel:
         pairs = suffix_len * prefix_len + suffix_len * (suffix_len + 1) / 2
         return suffix_len * (self.per_token + self.per_token_lm_head) + pairs * self.per_pair
 
+    def forward_ratio(self, prefix_lens: Sequence[int], suffix_lens: Sequence[Sequence[int]]) -> float:
+        """Dense/reuse forward-only FLOPs (log-probs): dense runs the lm_head at every position,
+        as verl's engines do; reuse over suffix tokens only."""
+        dense = sum(self.dense_forward([p + s for s in ss]) for p, ss in zip(prefix_lens, suffix_lens, strict=True))
+        reuse = sum(
+            self.prefix_forward(p) + sum(self.suffix_forward(p, s) for s in ss)
+            for p, ss in zip(prefix_lens, suffix_lens, strict=True)
+        )
+        return dense / reuse if reuse else 1.0
+
     def training_ratio(
         self,
         prefix_lens: Sequence[int],
@@ -70,7 +80,7 @@ class FlopModel:
         """Dense/reuse training FLOPs; group i has prefix prefix_lens[i] and suffixes suffix_lens[i].
 
         `prefix_lm_head=True` charges the reuse side an lm_head over prefix tokens too (the
-        conservative figures quoted in DESIGN.md); the schedule itself skips it.
+        conservative figures quoted in docs/design.md); the schedule itself skips it.
         `dense_lm_head_all=False` charges the dense side an lm_head over the suffix positions only
         (a dense baseline that computes just the logits it reads).
         """

@@ -1,4 +1,4 @@
-"""MoE router load-balancing aux loss with logical prefix-token accounting (DESIGN.md §1, MoE).
+"""MoE router load-balancing aux loss with logical prefix-token accounting (docs/design.md, "MoE router aux loss").
 
 Dense training computes, per micro-batch, transformers' `load_balancing_loss_func` over every
 (layer, token) of its rows: E * sum_{k,e} F[k, e] * P[e], with F[k, e] the fraction of tokens whose
