@@ -40,7 +40,7 @@ class ReplayConfig:
     min_response: int = 4
     max_response: int = 24
     max_tokens_per_micro_batch: int = 256
-    attention: str = "sdpa"
+    attention: str = "auto"
     prefix_activations: str = "keep"
     lr: float = 1e-3
     clip_ratio: float = 0.2
