@@ -152,6 +152,8 @@ def test_resumed_run_logs_the_uninterrupted_runs_metrics(demo):
         assert "actor/pg_loss" in keys and "critic/vf_loss" in keys and "actor/prefix_reuse/groups" in keys
         for key in keys:
             # The same rows, but their order inside a step follows vLLM's completion order, so sums
-            # may round differently: fp32 rounding of O(1) terms (means of whitened advantages are
-            # ~1e-8 of noise). A step taken from a fresh optimizer state moves these by ~1e-3.
-            assert metrics[key] == pytest.approx(uninterrupted[step][key], rel=1e-5, abs=1e-6), (step, key)
+            # may round differently, and Adam (lr 1e-3) turns rounding in near-zero gradient entries
+            # into lr-sized weight differences: seen up to 2e-5 relative (grad_norm) and 5e-6
+            # absolute (pg_loss, ~0 by construction) at step 3. Resumed without the optimizer state
+            # (checkpoint.load_contents=[model]), 24 of these figures moved past this tolerance.
+            assert metrics[key] == pytest.approx(uninterrupted[step][key], rel=3e-4, abs=1e-5), (step, key)
