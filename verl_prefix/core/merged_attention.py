@@ -78,7 +78,8 @@ class _MergedAttention(torch.autograd.Function):
                 l_own = lse[:, :, s:e]
                 merged = torch.logaddexp(l_p, l_own)
                 w_p, w_own = torch.exp(l_p - merged)[..., None], torch.exp(l_own - merged)[..., None]
-                acc = torch.promote_types(q.dtype, lse.dtype)  # merge in fp32 for half types, round once
+                # merge in fp32 for half types (each part was already rounded by its kernel)
+                acc = torch.promote_types(q.dtype, lse.dtype)
                 out[:, :, s:e] = (o_p.to(acc) * w_p + out[:, :, s:e].to(acc) * w_own).to(q.dtype)
                 lse[:, :, s:e] = merged
         ctx.save_for_backward(q, k, v, out, lse)
