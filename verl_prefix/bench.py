@@ -15,6 +15,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import TypeVar
 
 import torch
 
@@ -27,6 +28,7 @@ from .core.memory import available_bytes, current_bytes, exact_cpu_phase_peaks, 
 from .dense import LOGITS, dense_forward_backward
 from .random_models import FAMILIES, SHAPES, model_config, random_model, shaped_config
 
+T = TypeVar("T")
 MODELS = ("tiny", *SHAPES)
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 NOISY_SPREAD = 1.25
@@ -213,14 +215,26 @@ def policy_loss(advantages: list[torch.Tensor], total_tokens: int):
     return loss_fn
 
 
-def _timed(fn: Callable[[], None], device: torch.device) -> float:
+def timed(fn: Callable[[], T], device: torch.device) -> tuple[float, T]:
+    """(wall seconds of fn(), its result); CUDA work is synchronised on both sides."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    fn()
+    out = fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, out
+
+
+def batch_flop_bound(cfg: BenchConfig, model_config, dense_lm_head_all: bool) -> float:
+    """The FLOP bound of the bench's batch: training, or forward-only with `cfg.forward_only`."""
+    flops = FlopModel.from_config(model_config)
+    prefixes, suffixes = [cfg.prefix_len] * cfg.groups, [[cfg.suffix_len] * cfg.group_size] * cfg.groups
+    if cfg.forward_only:
+        return flops.forward_ratio(prefixes, suffixes)
+    return flops.training_ratio(
+        prefixes, suffixes, recompute=cfg.prefix_activations == "recompute", dense_lm_head_all=dense_lm_head_all
+    )
 
 
 def _grads(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -273,7 +287,8 @@ def run_bench(cfg: BenchConfig, progress=None, model: torch.nn.Module | None = N
         dense_out = outputs["dense"] if cfg.forward_only else _grads(model)
         run_reuse()
         reuse_out = outputs["reuse"] if cfg.forward_only else _grads(model)
-    memory = {**dense_peak, **(stats_holder["stats"].peak_memory_bytes if "stats" in stats_holder else {})}
+    dense_max = dense_peak.get("dense")
+    phase_memory = dict(stats_holder["stats"].peak_memory_bytes) if "stats" in stats_holder else {}
     if cfg.forward_only:
         dense_out, reuse_out = [torch.cat(dense_out)], [torch.cat(reuse_out)]
     diff = max(
@@ -283,9 +298,9 @@ def run_bench(cfg: BenchConfig, progress=None, model: torch.nn.Module | None = N
     idle = current_bytes(device)
     dense_times, reuse_times = [], []
     for r in range(cfg.repeats):
-        dense_times.append(_timed(run_dense, device))
+        dense_times.append(timed(run_dense, device)[0])
         model.zero_grad(set_to_none=True)
-        reuse_times.append(_timed(run_reuse, device))
+        reuse_times.append(timed(run_reuse, device)[0])
         model.zero_grad(set_to_none=True)
         if progress:
             progress(r + 1, cfg.repeats)
@@ -293,19 +308,9 @@ def run_bench(cfg: BenchConfig, progress=None, model: torch.nn.Module | None = N
     dense_s, reuse_s = statistics.median(dense_times), statistics.median(reuse_times)
     speedup = dense_s / reuse_s
     # The bound of this batch against this dense baseline (its lm_head positions).
-    flops = FlopModel.from_config(model.config)
-    prefixes, suffixes = [cfg.prefix_len] * cfg.groups, [[cfg.suffix_len] * cfg.group_size] * cfg.groups
-    if cfg.forward_only:
-        bound = flops.forward_ratio(prefixes, suffixes)
-    else:
-        bound = flops.training_ratio(
-            prefixes,
-            suffixes,
-            recompute=cfg.prefix_activations == "recompute",
-            dense_lm_head_all=cfg.dense_logits == "all",
-        )
+    bound = batch_flop_bound(cfg, model.config, dense_lm_head_all=cfg.dense_logits == "all")
     saving = None
-    phase_b, dense_max = memory.get("B"), memory.get("dense")
+    phase_b = phase_memory.get("B")
     if idle is not None and phase_b is not None and dense_max is not None and dense_max > idle:
         saving = 1.0 - (phase_b - idle) / (dense_max - idle)
     return BenchResult(
@@ -319,7 +324,7 @@ def run_bench(cfg: BenchConfig, progress=None, model: torch.nn.Module | None = N
         efficiency=speedup / bound,
         max_grad_rel_diff=diff,
         phase_seconds=dict(stats.seconds) if stats else {},
-        phase_peak_memory_bytes={k: v for k, v in memory.items() if k != "dense"},
+        phase_peak_memory_bytes=phase_memory,
         dense_peak_memory_bytes=dense_max,
         idle_memory_bytes=idle,
         phase_B_memory_saving=saving,

@@ -9,15 +9,13 @@ reuse. On CPU verl runs on the project's CPU platform (`verl_prefix.backend.cpu`
 
 from __future__ import annotations
 
+import importlib.util
 import statistics
 import tempfile
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-
-from .core.flops import FlopModel
 
 if TYPE_CHECKING:
     from .bench import BenchConfig
@@ -37,24 +35,15 @@ class EngineBenchResult:
     reuse_times: list[float] = field(default_factory=list)
 
 
-def _mini_batch(cfg: BenchConfig, vocab_size: int):
-    """The bench's GRPO groups as verl's V1 mini-batch (old log-probs and advantages random)."""
+def _mini_batch(cfg: BenchConfig, rows, starts, uids, advantages, old_log_probs):
+    """The bench's rows as verl's V1 mini-batch (verl's remove-padding, dynamic batch size, budget)."""
     from verl.utils import tensordict_utils as tu
 
     from .backend.harness import rows_tensordict
 
-    gen = torch.Generator().manual_seed(cfg.seed)
-    prompts, responses, uids = [], [], []
-    for g in range(cfg.groups):
-        prompt = torch.randint(0, vocab_size - 3, (cfg.prefix_len + 1,), generator=gen)
-        for _ in range(cfg.group_size):
-            prompts.append(prompt)
-            responses.append(torch.randint(0, vocab_size - 3, (cfg.suffix_len - 1,), generator=gen))
-            uids.append(f"uid-{g}")
-    extra = dict(
-        old_log_probs=[-torch.rand(len(r), generator=gen) - 4.5 for r in responses],
-        advantages=[torch.randn(len(r), generator=gen) for r in responses],
-    )
+    extra = dict(old_log_probs=old_log_probs, advantages=advantages)
+    prompts = [r[:s] for r, s in zip(rows, starts, strict=True)]
+    responses = [r[s:] for r, s in zip(rows, starts, strict=True)]
     data = rows_tensordict(prompts, responses, uids, extra)
     budget = cfg.max_tokens_per_micro_batch
     flags = dict(use_remove_padding=True, use_dynamic_bsz=True, max_token_len_per_gpu=budget, use_fused_kernels=False)
@@ -62,23 +51,11 @@ def _mini_batch(cfg: BenchConfig, vocab_size: int):
     return data
 
 
-def _timed_call(fn, device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start, out
-
-
 def check_engine_bench(cfg: BenchConfig) -> None:
     """Raise ValueError naming the flag and the fix before any point runs."""
     if cfg.dtype not in MIXED_PRECISION:
         choices = ", ".join(MIXED_PRECISION)
         raise ValueError(f"--engine true with --dtype={cfg.dtype}: verl's engines compute in {choices}; pick one.")
-    import importlib.util
-
     if importlib.util.find_spec("verl") is None:
         raise ValueError('--engine true needs verl: pip install -e ".[verl]" (or leave --engine off).')
 
@@ -89,6 +66,7 @@ def run_engine_bench(cfg: BenchConfig, model: torch.nn.Module) -> EngineBenchRes
 
     from .backend.cpu import install_cpu_platform
     from .backend.harness import build_worker, init_process_group, ppo_loss_fn, save_word_tokenizer
+    from .bench import batch_flop_bound, synthetic_groups, timed
 
     check_engine_bench(cfg)
     device = torch.device(cfg.device)
@@ -114,14 +92,17 @@ def run_engine_bench(cfg: BenchConfig, model: torch.nn.Module) -> EngineBenchRes
             "stock": build_worker(model_dir, reuse=False, **engine),
             "reuse": build_worker(model_dir, reuse=True, prefix_reuse=settings, **engine),
         }
-    vocab = model.config.vocab_size
+    # the same rows and advantages as the bench's dense and reuse sides; old log-probs random
+    rows, starts, uids, advantages = synthetic_groups(cfg, model.config.vocab_size)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    old_log_probs = [-torch.rand(len(a), generator=gen) - 4.5 for a in advantages]
 
     def call(name: str, keep: bool = False):
         """One timed pass of worker `name` -> (seconds, its gradients or log-probs when `keep`)."""
         worker = workers[name]
-        data = _mini_batch(cfg, vocab)
+        data = _mini_batch(cfg, rows, starts, uids, advantages, old_log_probs)
         if cfg.forward_only:
-            seconds, out = _timed_call(lambda: worker.infer_batch(data), device)
+            seconds, out = timed(lambda: worker.infer_batch(data), device)
             if not keep:
                 return seconds, None
             # full-length rows; verl reads the response part (position t holds token t + 1)
@@ -129,7 +110,7 @@ def run_engine_bench(cfg: BenchConfig, model: torch.nn.Module) -> EngineBenchRes
             return seconds, [torch.cat([lp[-n - 1 : -1] for lp in tu.get(out, "log_probs").unbind()])]
         with worker.engine.train_mode():
             worker.engine.optimizer_zero_grad()
-            seconds, _ = _timed_call(lambda: worker.engine.forward_backward_batch(data, loss_fn), device)
+            seconds, _ = timed(lambda: worker.engine.forward_backward_batch(data, loss_fn), device)
             grads = [p.grad.full_tensor().detach().clone() for p in worker.engine.module.parameters()] if keep else None
             worker.engine.optimizer_zero_grad()
         return seconds, grads
@@ -142,12 +123,7 @@ def run_engine_bench(cfg: BenchConfig, model: torch.nn.Module) -> EngineBenchRes
         for name in ("stock", "reuse"):
             times[name].append(call(name)[0])
     stock_s, reuse_s = statistics.median(times["stock"]), statistics.median(times["reuse"])
-    flops = FlopModel.from_config(model.config)
-    prefixes, suffixes = [cfg.prefix_len] * cfg.groups, [[cfg.suffix_len] * cfg.group_size] * cfg.groups
-    if cfg.forward_only:
-        bound = flops.forward_ratio(prefixes, suffixes)
-    else:
-        bound = flops.training_ratio(prefixes, suffixes, recompute=cfg.prefix_activations == "recompute")
+    bound = batch_flop_bound(cfg, model.config, dense_lm_head_all=True)  # verl: lm_head at every position
     return EngineBenchResult(
         stock_seconds=stock_s,
         reuse_seconds=reuse_s,
