@@ -177,10 +177,10 @@ def _start(model, input_ids, response_start, group_ids, config, runtime, readout
     config = config or PrefixReuseConfig()
     runtime = runtime or ScheduleRuntime()
     device = _model_device(model)
+    config = replace(config, attention=resolve_backend(config.attention, device))  # "auto" -> this device's
     error: ValueError | None = None
     try:
         rows, device = _validate(model, input_ids, response_start, group_ids, config, needs_grad, readout)
-        config = replace(config, attention=resolve_backend(config.attention, device))
         _check_row_temperature(row_temperature, len(rows))
         plan = make_plan(rows, response_start, group_ids, config.max_tokens_per_micro_batch, config.min_prefix_tokens)
         counts = [len(plan.prefix_chunks), len(plan.micro_batches)]
@@ -553,5 +553,5 @@ def _validate(
                 "first response token; at least one prompt and one response token)."
             )
         rows.append(row.to(device=device, dtype=torch.long))
-    check_backend(resolve_backend(config.attention, device), device, needs_grad)
+    check_backend(config.attention, device, needs_grad)
     return rows, device
