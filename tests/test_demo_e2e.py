@@ -8,8 +8,8 @@ which differs from the test environment's torch: `.ci/run` builds it and points
 VERL_PREFIX_DEMO_PYTHON at its interpreter. Without it the test is skipped. Which sampled response
 lands on which prompt depends on request order inside vLLM, so two runs' losses are never compared;
 the reuse run's in-loop dense check (`verify_every`) is the exactness evidence. The GAE runs decode
-greedily (top_k=1: each response is the same whatever the order) and save a checkpoint every step,
-so a run resumed from step 1 must log exactly the metrics of the uninterrupted run.
+greedily in fp32 (top_k=1: each response is the same whatever the order) and save a checkpoint
+every step, so a run resumed from step 1 must log exactly the metrics of the uninterrupted run.
 """
 
 from __future__ import annotations
@@ -50,6 +50,10 @@ RUNS = {
         "trainer.logger=[console,file,tensorboard,wandb,mlflow]",
         "trainer.save_freq=1",
         "actor_rollout_ref.rollout.top_k=1",
+        # vLLM computes in fp32 like the trainer: in its default bf16 the tiny model's near-uniform
+        # logits tie often, top_k=1 keeps every tied token, and which one is drawn depends on the
+        # request order inside vLLM (rollout_corr/rollout_log_ppl > 0 shows the ties)
+        "actor_rollout_ref.rollout.dtype=float32",
         # steps large enough that a wrongly restored optimizer state shows in the next step's figures
         "actor_rollout_ref.actor.optim.lr=1e-3",
         "critic.optim.lr=1e-3",
@@ -148,6 +152,8 @@ def test_resumed_run_logs_the_uninterrupted_runs_metrics(demo):
     uninterrupted = {r["training/global_step"]: r for r in _records(reuse_dir / "metrics.jsonl")}
     assert sorted(resumed) == [2, 3]
     for step, metrics in resumed.items():
+        # vLLM's logprobs are taken after top_k: 0 for every token unless logits tie
+        assert uninterrupted[step]["rollout_corr/rollout_log_ppl"] == 0.0, "the rollout was not greedy"
         keys = [k for k in metrics if not any(m in k for m in MEASURED) and isinstance(metrics[k], (int, float))]
         assert "actor/pg_loss" in keys and "critic/vf_loss" in keys and "actor/prefix_reuse/groups" in keys
         for key in keys:
