@@ -60,6 +60,18 @@ def test_engine_peer_is_verl_stock_engine_on_the_same_mini_batch(forward_only):
     assert res.engine.flop_bound == res.flop_bound
 
 
+def test_sequence_parallel_point_runs_both_sides_on_the_group():
+    """--sequence-parallel 2: two gloo ranks, verl's collectives; reuse and dense (nothing shared) at
+    sp=2 agree with each other (group-mean gradients, fp32)."""
+    cfg = BenchConfig(**SMALL, repeats=1, max_tokens_per_micro_batch=64, sequence_parallel=2)
+    cfg.check()
+    res = run_bench(cfg)
+    sp = res.sequence_parallel
+    assert sp is not None and sp.size == 2 and sp.max_grad_rel_diff < 1e-5
+    assert len(sp.dense_times) == len(sp.reuse_times) == 1
+    assert sp.flop_bound > 1.5 and sp.efficiency == sp.speedup / sp.flop_bound
+
+
 def test_cli_bench_single_point_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", *small_args(prefix_activations="recompute"), "--quiet", "--json", str(out)]) == 0
@@ -148,6 +160,7 @@ def test_shipped_shapes_build_without_download(name):
         (["--device", "cuda"], "--device=cuda but this torch"),
         (["--model", "qwen3-8b"], "weights and gradients alone need 61.0 GiB"),
         (["--engine", "true", "--dtype", "float64"], "--engine true with --dtype=float64"),
+        (["--sequence-parallel", "0"], "--sequence-parallel=0 must be >= 1"),
     ],
 )
 def test_cli_bench_rejects_a_bad_point_before_running_any(flags, named, capsys):

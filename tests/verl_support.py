@@ -171,14 +171,20 @@ def two_rank_compare(rank: int, port: int, model_dir: str, out_dir: str, case: d
 def spawn_two_ranks(target, args: tuple, timeout: float = 300.0) -> None:
     """Run `target(rank, *args)` on two processes; a hang past `timeout` seconds or a failed rank
     fails the caller (AssertionError), and the processes are killed."""
+    spawn_ranks(target, args, 2, timeout)
+
+
+def spawn_ranks(target, args: tuple, nprocs: int, timeout: float = 300.0) -> None:
+    """Run `target(rank, *args)` on `nprocs` processes; a hang past `timeout` seconds or a failed
+    rank fails the caller (AssertionError), and the processes are killed."""
     import torch.multiprocessing as mp
 
-    ctx = mp.start_processes(target, args=args, nprocs=2, join=False, start_method="spawn")
+    ctx = mp.start_processes(target, args=args, nprocs=nprocs, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout
     try:
         while not ctx.join(timeout=max(0.1, min(5.0, deadline - time.monotonic()))):
             if time.monotonic() > deadline:
-                raise AssertionError(f"two-rank run still going after {timeout:.0f} s: a hang")
+                raise AssertionError(f"{nprocs}-rank run still going after {timeout:.0f} s: a hang")
     finally:
         for p in ctx.processes:
             if p.is_alive():

@@ -20,6 +20,7 @@ from typing import TypeVar
 import torch
 
 from .bench_engine import EngineBenchResult, check_engine_bench, run_engine_bench
+from .bench_sp import SequenceParallelBenchResult, check_sp_bench, run_sp_bench
 from .core import PrefixReuseConfig, compute_log_probs, forward_backward
 from .core.attention import check_backend
 from .core.config import ATTENTION_BACKENDS, PREFIX_ACTIVATION_MODES
@@ -61,6 +62,11 @@ class BenchConfig:
         "also time verl's stock FSDP engine against verl-prefix's engine on the same mini-batch "
         "(FSDP2, remove-padding, dynamic batch size, the same token budget; needs verl)",
     )
+    sequence_parallel: int = opt(
+        1,
+        "also time reuse vs dense at this Ulysses sequence-parallel size: that many processes share "
+        "each pass's tokens (verl's collectives; gloo on CPU, one GPU per rank on CUDA)",
+    )
     dtype: str = opt("float32", "model dtype", DTYPES)
     device: str = opt("cpu", "cpu or cuda")
     repeats: int = opt(3, "timed steps per side after one warm-up")
@@ -95,6 +101,7 @@ class BenchConfig:
         self._check_memory()
         if self.engine:
             check_engine_bench(self)
+        check_sp_bench(self)
         try:  # the schedule's own checks, with its messages
             PrefixReuseConfig(
                 max_tokens_per_micro_batch=self.max_tokens_per_micro_batch,
@@ -161,13 +168,15 @@ class BenchResult:
     phase_B_memory_saving: float | None = None  # 1 - (B peak - idle) / (dense peak - idle)
     capacity: Capacity | None = None
     engine: EngineBenchResult | None = None  # --engine: stock verl engine vs verl-prefix's engine
+    sequence_parallel: SequenceParallelBenchResult | None = None  # --sequence-parallel N > 1
     dense_times: list[float] = field(default_factory=list)  # every timed repeat, seconds
     reuse_times: list[float] = field(default_factory=list)
 
     @property
     def noisy(self) -> bool:
         engine = [self.engine.stock_times, self.engine.reuse_times] if self.engine else []
-        return any(is_noisy(t) for t in [self.dense_times, self.reuse_times, *engine])
+        sp = [self.sequence_parallel.dense_times, self.sequence_parallel.reuse_times] if self.sequence_parallel else []
+        return any(is_noisy(t) for t in [self.dense_times, self.reuse_times, *engine, *sp])
 
     def as_dict(self) -> dict:
         return {**asdict(self), "noisy": self.noisy}
@@ -330,6 +339,7 @@ def run_bench(cfg: BenchConfig, progress=None, model: torch.nn.Module | None = N
         phase_B_memory_saving=saving,
         capacity=measure_capacity(cfg, model) if cfg.capacity else None,
         engine=run_engine_bench(cfg, model) if cfg.engine else None,
+        sequence_parallel=run_sp_bench(cfg) if cfg.sequence_parallel > 1 else None,
     )
 
 
@@ -456,6 +466,15 @@ def format_result(res: BenchResult) -> str:
             f"verl reuse {e.reuse_seconds * 1e3:9.1f} ms / {what} (verl-prefix engine; {_spread(e.reuse_times)}); "
             f"max relative diff {e.max_rel_diff:.2e}",
             f"engines    {e.speedup:.2f}x   FLOP bound {e.flop_bound:.2f}x   efficiency {e.efficiency:.2f}",
+        ]
+    if res.sequence_parallel is not None:
+        sp = res.sequence_parallel
+        lines += [
+            f"sp={sp.size} dense {sp.dense_seconds * 1e3:9.1f} ms / {what} ({sp.size} ranks x {sp.threads_per_rank} "
+            f"threads, nothing shared; {_spread(sp.dense_times)})",
+            f"sp={sp.size} reuse {sp.reuse_seconds * 1e3:9.1f} ms / {what} ({_spread(sp.reuse_times)}); "
+            f"max relative diff {sp.max_grad_rel_diff:.2e}",
+            f"sp={sp.size}       {sp.speedup:.2f}x   FLOP bound {sp.flop_bound:.2f}x   efficiency {sp.efficiency:.2f}",
         ]
     if res.capacity is not None:
         cap = res.capacity

@@ -12,6 +12,8 @@ verl: the driver, the Ray task runner and every worker).
   platform: plain gloo is what it means.
 - FSDP2's `CPUOffloadPolicy` (verl's forward-only engines) pins memory, which needs an
   accelerator: the same policy, unpinned.
+- verl's FSDP engine module reads the device name once, at import (before a platform is chosen),
+  and builds the Ulysses (dp, sp) device mesh on it: "cpu" there.
 - `VERL_ENGINE_DEVICE=cuda`: verl registers its FSDP engines for "cuda"/"npu" only; the engine
   lookup key is all this changes (the engine then runs on whatever device the platform reports).
 - verl 0.9.1 loads value models (the critic) with `attn_implementation="flash_attention_2"`
@@ -167,6 +169,8 @@ def _patch_verl_for_cpu() -> None:
     engine_workers.initialize_global_process_group_ray = functools.partial(
         verl_distributed.initialize_global_process_group_ray, backend="gloo"
     )
+    # read at import time, before the platform was set; used for the Ulysses device mesh
+    fsdp_impl.device_name = PLATFORM_NAME
     # pinning needs an accelerator: the same offload policy, unpinned
     fsdp_impl.CPUOffloadPolicy = lambda pin_memory=True: CPUOffloadPolicy(pin_memory=False)
     load_value_models_with_sdpa()

@@ -28,6 +28,7 @@ from ..core.memory import lifetime_peak_bytes
 from ..core.moe import RouterSpec, load_balancing_loss, router_spec
 from .batch import full_length_nested, prompt_lengths, schedule_rows
 from .config import PrefixReuseSettings
+from .ulysses import sequence_parallel
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +37,6 @@ METRIC_PREFIX = "prefix_reuse/"
 
 def unsupported_reason(engine, data: TensorDict) -> str | None:
     """Why this mini-batch must run dense (None when the schedule supports it)."""
-    if engine.ulysses_sequence_parallel_size > 1:
-        return "ulysses_sequence_parallel_size > 1"
     if not data["input_ids"].is_nested:
         return "padded input_ids (pad_mode != no_padding)"
     if "multi_modal_inputs" in data.keys() and extract_multi_modal_inputs(tu.get(data, "multi_modal_inputs")):
@@ -181,7 +180,8 @@ class PrefixReuseEngineMixin:
     def _runtime(self) -> ScheduleRuntime:
         """The stock engine's numerics and communication around every schedule pass: its autocast
         (`mixed_precision.param_dtype`), its fp16 loss scaler, its gradient-sync context (one
-        reduce-scatter per mini-batch) and its dp group (passes kept in step across ranks)."""
+        reduce-scatter per mini-batch), its dp group (passes kept in step across ranks) and its
+        Ulysses group (each pass's tokens split over it)."""
         autocast_dtype = getattr(self, "_autocast_dtype", torch.bfloat16)
         device_name = get_device_name()
 
@@ -200,6 +200,9 @@ class PrefixReuseEngineMixin:
             backward=backward,
             grad_sync=lambda last: self._gradient_sync_context(is_last_micro_batch=last),
             group=self.get_data_parallel_group(),
+            sequence_parallel=sequence_parallel(self.ulysses_parallel_group)
+            if self.ulysses_sequence_parallel_size > 1
+            else None,
         )
 
     def _warn_once(self, reason: str) -> None:

@@ -22,6 +22,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from . import merged_attention
 from .prefix_kv import PrefixKV, PrefixRef
+from .runtime import SequenceParallel
 
 ATTENTION_NAME = "verl_prefix"
 
@@ -47,6 +48,9 @@ class AttentionContext:
     mode "capture": blocks are prefixes of Phase-A chunk `chunk`; store K/V into `prefix_kv` when
     `store` (once per layer) and seed Phase C's gradient into them under grad mode.
     mode "suffix": blocks read their prefix K/V from `prefix_kv`.
+    With `sp` (Ulysses), the layer's q/k/v hold this rank's slice of the tokens for every head; an
+    all-to-all turns them into the whole sequence for this rank's heads, so blocks, stored prefix
+    K/V and their gradients are in whole-sequence positions and local heads.
     """
 
     def __init__(
@@ -57,9 +61,10 @@ class AttentionContext:
         backend: str,
         chunk: int = -1,
         store: bool = False,
+        sp: SequenceParallel | None = None,
     ) -> None:
         self.mode, self.blocks, self.prefix_kv, self.backend = mode, blocks, prefix_kv, backend
-        self.chunk, self.store = chunk, store
+        self.chunk, self.store, self.sp = chunk, store, sp
         self.cache: dict = {}  # per-forward layouts and masks, shared by the layers
 
 
@@ -354,6 +359,8 @@ def prefix_attention(
     if query.shape[0] != 1:
         raise RuntimeError("the shared-prefix schedule runs packed forwards with batch size 1.")
     layer = module.layer_idx
+    if ctx.sp is not None:
+        query, key, value = _whole_sequence(ctx.sp, query, key, value, ctx.blocks[-1].q_end)
     if ctx.mode == "capture":
         if ctx.store:
             ctx.prefix_kv.store(ctx.chunk, layer, key, value)
@@ -365,7 +372,28 @@ def prefix_attention(
         # nothing to read from a prefix: plain (batched) causal attention, SDPA's flash kernel
         backend = "sdpa"
     out = _BACKENDS[backend](ctx, layer, query, key, value, scaling, dropout)
+    if ctx.sp is not None:
+        out = _own_slice(ctx.sp, out)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _whole_sequence(sp: SequenceParallel, q, k, v, tokens: int):
+    """[1, heads, T'/size, D] slices -> [1, heads/size, tokens, D]: all-to-all over the group, then
+    the pad tail (T' - tokens, no block reads it) cut off. KV heads fewer than `size` are repeated
+    first (as verl does) so that every rank gets one."""
+    repeats = max(sp.size // k.shape[1], 1)
+    if repeats > 1:
+        k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+    q, k, v = (sp.seq_to_heads(x, 2, 1)[:, :, :tokens] for x in (q, k, v))
+    return q, k, v
+
+
+def _own_slice(sp: SequenceParallel, out: torch.Tensor) -> torch.Tensor:
+    """[1, heads/size, tokens, D] -> [1, heads, T'/size, D]: zeros for the pad tail, all-to-all back."""
+    pad = -out.shape[2] % sp.size
+    if pad:
+        out = torch.cat([out, out.new_zeros(*out.shape[:2], pad, out.shape[3])], dim=2)
+    return sp.heads_to_seq(out, 2, 1)
 
 
 def register() -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import zlib
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -35,7 +36,7 @@ from .memory import phase_peak, saved_tensors_on_cpu
 from .moe import PrefixRouterLogits, RouterSpec, load_balancing_loss, router_spec
 from .plan import SchedulePlan, Segment, make_plan
 from .prefix_kv import PrefixKV, PrefixRef
-from .runtime import ScheduleRuntime
+from .runtime import ScheduleRuntime, SequenceParallel
 
 LossFn = Callable[..., torch.Tensor]
 Readout = Literal["log_probs", "values"]
@@ -166,6 +167,10 @@ class _Step:
     router: PrefixRouterLogits | None = None
     router_spec: RouterSpec | None = None
 
+    @property
+    def sp(self) -> SequenceParallel | None:
+        return self.runtime.sequence_parallel
+
     def is_padding_chunk(self, c: int) -> bool:
         return c >= len(self.plan.prefix_chunks)
 
@@ -182,10 +187,20 @@ def _start(model, input_ids, response_start, group_ids, config, runtime, readout
     try:
         rows, device = _validate(model, input_ids, response_start, group_ids, config, needs_grad, readout)
         _check_row_temperature(row_temperature, len(rows))
+        if runtime.sequence_parallel is not None:
+            _check_sequence_parallel(model, runtime.sequence_parallel, config)
         plan = make_plan(rows, response_start, group_ids, config.max_tokens_per_micro_batch, config.min_prefix_tokens)
         counts = [len(plan.prefix_chunks), len(plan.micro_batches)]
     except ValueError as exc:  # every rank learns of it below: the others must not wait in a collective
         error, counts = exc, [0, 0]
+    sp = runtime.sequence_parallel
+    signature = [error is not None, *_rows_signature(input_ids, response_start, group_ids)]
+    if sp is not None and not sp.same_on_all_ranks(signature, device):
+        # the group's passes are one computation: different rows would mismatch every all-to-all
+        error = error or ValueError(
+            "the ranks of a sequence-parallel group hold different rows; every rank of the group must "
+            "get the same mini-batch (verl dispatches by data-parallel rank)."
+        )
     chunks, micro_batches, failed = runtime.agreed_counts([*counts, error is not None], device)
     if error is not None:
         raise error
@@ -300,14 +315,17 @@ def _prefix_forward(step: _Step, chunk: int, store: bool) -> torch.Tensor:
     else:
         blocks = [Block(0, 1, (1,), None)]
         ids = positions = torch.zeros(1, dtype=torch.long, device=step.device)
-    ctx = AttentionContext("capture", tuple(blocks), step.prefix_kv, step.config.attention, chunk=chunk, store=store)
+    ctx = AttentionContext(
+        "capture", tuple(blocks), step.prefix_kv, step.config.attention, chunk=chunk, store=store, sp=step.sp
+    )
     # No head over prefix tokens: their outputs are never read (a value head is one column: kept).
     kwargs = {CONTEXT_KWARG: ctx}
     if step.readout == "log_probs":
         kwargs["logits_to_keep"] = torch.empty(0, dtype=torch.long, device=step.device)
     if step.router is not None:
         kwargs["output_router_logits"] = True
-    output = step.model(input_ids=ids[None], position_ids=positions[None], use_cache=False, **kwargs)
+    ids, positions, _ = _shard(step.sp, ids, positions)
+    output = step.model(input_ids=ids, position_ids=positions, use_cache=False, **kwargs)
     if step.router is not None:
         step.router.capture(chunk, output.router_logits, store)
     if store:
@@ -337,12 +355,21 @@ def _suffix_forward(
             indices.append(r)
             counts.append(len(rows[r]) - start)
             offset += n
-    ctx = AttentionContext("suffix", tuple(blocks), step.prefix_kv, step.config.attention)
-    keep_idx = torch.cat(keep)
-    inputs = dict(input_ids=torch.cat(ids)[None], position_ids=torch.cat(positions)[None], use_cache=False)
-    inputs[CONTEXT_KWARG] = ctx
+    ctx = AttentionContext("suffix", tuple(blocks), step.prefix_kv, step.config.attention, sp=step.sp)
+    keep_idx, labels = torch.cat(keep), torch.cat(labels)
+    input_ids, position_ids, first = _shard(step.sp, torch.cat(ids), torch.cat(positions))
+    inputs = {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False, CONTEXT_KWARG: ctx}
+    # under sequence parallelism this rank reads out the kept positions of its slice only
+    local: torch.Tensor | slice = slice(None)
+    if step.sp is not None:
+        width = input_ids.shape[1]
+        local = (keep_idx >= first) & (keep_idx < first + width)
+        kept_per_rank = torch.bincount(keep_idx // width, minlength=step.sp.size).tolist()
+        keep_idx = keep_idx[local] - first
     if step.readout == "values":
         values = step.model(**inputs).logits[0, keep_idx].squeeze(-1)
+        if step.sp is not None:
+            values = _gather_kept(step.sp, values, kept_per_rank)
         return indices, list(values.split(counts)), None
     if router_out is not None:
         output = step.model(**inputs, logits_to_keep=keep_idx, output_router_logits=True)
@@ -357,8 +384,12 @@ def _suffix_forward(
                 torch.full((n,), float(step.row_temperature[r]), dtype=torch.float64, device=device)
                 for r, n in zip(indices, counts, strict=True)
             ]
-        )[:, None]
-    log_probs, entropies = token_log_probs(logits, torch.cat(labels), temperature, entropy)
+        )[:, None][local]
+    log_probs, entropies = token_log_probs(logits, labels[local], temperature, entropy)
+    if step.sp is not None:
+        log_probs = _gather_kept(step.sp, log_probs, kept_per_rank)
+        if entropies is not None:
+            entropies = _gather_kept(step.sp, entropies, kept_per_rank)
     return (
         indices,
         list(log_probs.split(counts)),
@@ -390,9 +421,9 @@ def _suffix_loss(
 def _padding_loss(step: _Step) -> torch.Tensor:
     """A one-token pass with zero loss: the same module calls (and FSDP collectives) as a real
     micro-batch, no effect on any gradient."""
-    ctx = AttentionContext("suffix", (Block(0, 1, (1,), None),), step.prefix_kv, step.config.attention)
-    ids = torch.zeros(1, 1, dtype=torch.long, device=step.device)
-    out = step.model(input_ids=ids, position_ids=ids, use_cache=False, **{CONTEXT_KWARG: ctx}).logits
+    ctx = AttentionContext("suffix", (Block(0, 1, (1,), None),), step.prefix_kv, step.config.attention, sp=step.sp)
+    ids, positions, _ = _shard(step.sp, *[torch.zeros(1, dtype=torch.long, device=step.device)] * 2)
+    out = step.model(input_ids=ids, position_ids=positions, use_cache=False, **{CONTEXT_KWARG: ctx}).logits
     return 0.0 * out.sum()
 
 
@@ -416,6 +447,60 @@ def token_log_probs(
     log_probs = logits.gather(-1, labels[:, None]).squeeze(-1) - lse
     ent = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
     return log_probs, ent
+
+
+# ---------------------------------------------------------------------------------------------
+# Sequence parallelism
+
+
+def _shard(
+    sp: SequenceParallel | None, ids: torch.Tensor, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A packed pass's model inputs on this rank: ids/positions [1, T] without sequence parallelism,
+    else this rank's [1, T'/size] slice of them padded to T' (a multiple of size; pad ids 0,
+    positions 0..pad-1, as verl pads), and the slice's first global position."""
+    if sp is None:
+        return ids[None], positions[None], 0
+    pad = -len(ids) % sp.size
+    if pad:
+        ids = torch.cat([ids, ids.new_zeros(pad)])
+        positions = torch.cat([positions, torch.arange(pad, device=positions.device)])
+    width = len(ids) // sp.size
+    start = sp.rank * width
+    return ids[None, start : start + width], positions[None, start : start + width], start
+
+
+def _gather_kept(sp: SequenceParallel, local_values: torch.Tensor, kept_per_rank: list[int]) -> torch.Tensor:
+    """All ranks' per-kept-token outputs in global order: each rank computed the kept tokens of its
+    slice (`kept_per_rank[r]` of them on rank r); padded to the largest count and gathered."""
+    width = max(kept_per_rank)
+    padded = torch.cat([local_values, local_values.new_zeros(width - len(local_values))])
+    gathered = sp.gather(padded, 0)  # [size * width]; backward: this rank's slice
+    real = torch.arange(width)[None] < torch.tensor(kept_per_rank)[:, None]
+    return gathered[real.flatten().to(gathered.device)]
+
+
+def _rows_signature(input_ids, response_start, group_ids) -> list[int]:
+    """Fixed-length fingerprint of a schedule call's rows, compared across a sequence-parallel group."""
+    try:
+        lengths = [int(len(r)) for r in input_ids]
+        digest = zlib.crc32(repr((lengths, [int(s) for s in response_start], [str(g) for g in group_ids])).encode())
+        tokens = int(torch.cat([r.reshape(-1).long() for r in input_ids]).sum()) if lengths else 0
+        return [len(lengths), sum(lengths), digest, tokens % 2**62]
+    except (TypeError, ValueError, RuntimeError):  # malformed rows: validation names the problem
+        return [-1, 0, 0, 0]
+
+
+def _check_sequence_parallel(model: torch.nn.Module, sp: SequenceParallel, config: PrefixReuseConfig) -> None:
+    cfg = getattr(model.config, "text_config", None) or model.config
+    heads, kv_heads = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
+    if heads % sp.size or (kv_heads % sp.size and sp.size % kv_heads):
+        raise ValueError(
+            f"ulysses_sequence_parallel_size={sp.size} must divide num_attention_heads={heads}, and divide "
+            f"or be a multiple of num_key_value_heads={kv_heads}; choose another sequence-parallel size."
+        )
+    if config.router_aux_loss:
+        raise ValueError("prefix_reuse.router_aux_loss=true needs ulysses_sequence_parallel_size=1.")
 
 
 # ---------------------------------------------------------------------------------------------

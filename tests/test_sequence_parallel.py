@@ -1,0 +1,267 @@
+"""Ulysses sequence parallelism with prefix reuse, against dense / stock on the same rows.
+
+Core (fp64, plain models over gloo): every rank of a sequence-parallel group holds the same rows,
+runs 1/size of each pass's tokens and verl's all-to-alls around attention; the group's mean
+gradient (what FSDP's reduction makes of verl's size-scaled gather) must equal dense training's,
+and the gathered log-probs, entropies and values dense's. Engine (fp32, FSDP2 over gloo): verl's
+engine with `ulysses_sequence_parallel_size` 2 or 4 (dp 1 or 2) against the stock engine at sp=1
+in one process on the same mini-batch, with no fallback. Every multi-process run is under a
+timeout: a hang fails.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import verl_support as vs
+from dense_reference import dense_entropies, dense_grads, dense_log_probs, make_batch, rel_err
+from tiny_models import build, build_value_model
+
+from verl_prefix.core import PrefixReuseConfig, ScheduleRuntime, compute_log_probs, compute_values, forward_backward
+
+FP64_TOL = 1e-10
+# fp32: verl's engine at sp=1 and ours at sp>1 sum the same terms in other orders (packing, the
+# all-to-all's head split, FSDP's reduce over 2-4 ranks); test_verl_engine's sp=1 bound
+GRAD_TOL = 2e-5
+OUTPUT_TOL = 2e-5
+
+# group 0's prefix (39 tokens) is longer than one rank's slice of any pass; Phase A's 47 prefix
+# tokens do not divide by 2 or 4 (the pad tail); group 2 shares nothing (runs as a plain row)
+CORE_GROUPS = [(3, 40, [5, 3, 7]), (2, 9, [4, 2]), (1, 6, [3])]
+
+
+def _core_case(case: dict, sp_group) -> dict:
+    """One fp64 comparison on this rank; returns the errors (rank-local values, group-mean grads)."""
+    from verl_prefix.backend.ulysses import sequence_parallel
+
+    if case["readout"] == "values":
+        model = build_value_model(case["kind"])
+    else:
+        model = build(case["kind"])
+    if case.get("checkpointing") is not None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": case["checkpointing"]})
+    batch = make_batch(CORE_GROUPS, seed=1)
+    rows, starts, gids = batch.input_ids, batch.response_start, batch.group_ids
+    runtime = ScheduleRuntime(sequence_parallel=sequence_parallel(sp_group))
+    config = PrefixReuseConfig(attention=case["attention"], max_tokens_per_micro_batch=24)
+    if case["readout"] == "values":
+        values = compute_values(model, rows, starts, gids, config, runtime=runtime)
+        with torch.no_grad():  # the value of response token t is read at position t - 1
+            ref = [model(input_ids=r[None]).logits[0, s - 1 : len(r) - 1, 0] for r, s in zip(rows, starts, strict=True)]
+        return {"values": max(float((a - b).abs().max()) for a, b in zip(values, ref, strict=True))}
+    ref_grads, ref_log_probs = dense_grads(model, batch)
+    seen: dict[int, torch.Tensor] = {}
+    stats = forward_backward(model, rows, starts, gids, batch.loss_fn(seen), config, runtime=runtime)
+    grad_err = 0.0
+    for name, p in model.named_parameters():
+        g = p.grad.clone()
+        torch.distributed.all_reduce(g, op=torch.distributed.ReduceOp.AVG, group=sp_group)
+        grad_err = max(grad_err, rel_err(g, ref_grads[name]))
+    log_probs, entropies = compute_log_probs(model, rows, starts, gids, config, True, runtime=runtime)
+    ref_entropies = dense_entropies(model, batch)
+    return {
+        "grads": grad_err,
+        "loss_fn_log_probs": max(float((seen[i] - ref_log_probs[i]).abs().max()) for i in range(len(rows))),
+        "log_probs": max(
+            float((a - b).abs().max()) for a, b in zip(log_probs, dense_log_probs(model, batch), strict=True)
+        ),
+        "entropies": max(float((a - b).abs().max()) for a, b in zip(entropies, ref_entropies, strict=True)),
+        "groups": stats.groups,
+    }
+
+
+def _core_ranks(rank: int, world: int, port: int, out_dir: str, cases: list[dict]) -> None:
+    """mp target: every case on a sequence-parallel group of all `world` ranks; rank 0 writes."""
+    vs.init_process_group(rank, world, port)
+    group = torch.distributed.group.WORLD
+    results = []
+    for case in cases:
+        torch.manual_seed(0)
+        results.append(_core_case(case, group))
+    # a group whose ranks hold different rows: refused on every rank, before any all-to-all
+    batch = make_batch(CORE_GROUPS, seed=1 + rank)
+    from verl_prefix.backend.ulysses import sequence_parallel
+
+    try:
+        forward_backward(
+            build("qwen3"),
+            batch.input_ids,
+            batch.response_start,
+            batch.group_ids,
+            batch.loss_fn(),
+            runtime=ScheduleRuntime(sequence_parallel=sequence_parallel(group)),
+        )
+        refused = ""
+    except ValueError as exc:
+        refused = str(exc)
+    refusals = [None] * world
+    torch.distributed.all_gather_object(refusals, refused)
+    if rank == 0:
+        with open(f"{out_dir}/result.json", "w") as f:
+            json.dump({"cases": results, "refusals": refusals}, f)
+    torch.distributed.destroy_process_group()
+
+
+CORE_CASES_SP2 = [
+    dict(kind="qwen3", attention="merged", readout="log_probs"),  # GQA: 2 KV heads, one per rank
+    dict(kind="qwen3", attention="sdpa", readout="log_probs", checkpointing=True),
+    dict(kind="llama", attention="merged", readout="log_probs", checkpointing=False),
+    dict(kind="qwen3_tied", attention="merged", readout="log_probs"),
+    dict(kind="qwen3_moe", attention="merged", readout="log_probs"),
+    dict(kind="qwen3", attention="merged", readout="values"),
+]
+# 4 ranks and 2 KV heads: each KV head is repeated (as verl does) so that every rank gets one
+CORE_CASES_SP4 = [dict(kind="qwen3", attention="merged", readout="log_probs", checkpointing=False)]
+
+
+@pytest.mark.parametrize("world,cases", [(2, CORE_CASES_SP2), (4, CORE_CASES_SP4)], ids=["sp2", "sp4"])
+def test_core_matches_dense_fp64(tmp_path, world, cases):
+    vs.spawn_ranks(_core_ranks, (world, vs.free_port(), str(tmp_path), cases), world, timeout=300)
+    result = json.loads((tmp_path / "result.json").read_text())
+    for case, errs in zip(cases, result["cases"], strict=True):
+        if case["readout"] == "values":
+            assert errs["values"] <= FP64_TOL, (case, errs)
+            continue
+        assert errs["groups"] == 2, case
+        for key in ("grads", "loss_fn_log_probs", "log_probs", "entropies"):
+            assert errs[key] <= FP64_TOL, (case, key, errs)
+    assert all("different rows" in r for r in result["refusals"]), result["refusals"]
+
+
+# ---------------------------------------------------------------------------------------------
+# verl's engine at sp > 1 against the stock engine at sp = 1
+
+# per data-parallel rank: dp rank 0 shares (a prefix longer than a rank's slice), dp rank 1 does not
+ENGINE_GROUPS = {0: [(30, [3, 7, 2, 5]), (14, [4, 1, 6]), (9, [2])], 1: [(11, [4]), (7, [3])]}
+ENGINE = dict(use_dynamic_bsz=True, enable_gradient_checkpointing=True)  # verl's recipes check-point
+# tokens per rank and pass: verl's budget for one rank's slice (x sp for a whole pass); the stock
+# engine at sp=1 needs the longest row (37) to fit
+BUDGET = {"stock": 48, "ours": 24}
+
+
+def _engine_batch(dp: int, critic: bool, budget: int):
+    """The mini-batch of all `dp` data-parallel ranks (make_batch rows, rank after rank)."""
+    from verl.utils import tensordict_utils as tu
+
+    groups = [g for d in range(dp) for g in ENGINE_GROUPS[d]]
+    data = vs.make_batch(groups, calculate_entropy=not critic, critic=critic)
+    tu.assign_non_tensor(
+        data, use_remove_padding=True, use_dynamic_bsz=True, max_token_len_per_gpu=budget, use_fused_kernels=False
+    )
+    return data
+
+
+def _rows_of_dp_rank(dp_rank: int) -> list[int]:
+    sizes = [sum(len(r) for _, r in ENGINE_GROUPS[d]) for d in range(dp_rank + 1)]
+    return list(range(sum(sizes[:-1]), sum(sizes)))
+
+
+def _engine_run(worker, data, critic: bool, out_keys: tuple[str, ...]):
+    """Gradients of one forward_backward_batch, then the infer outputs (None off the collect rank)."""
+    from verl.utils import tensordict_utils as tu
+
+    loss_fn = vs.value_loss_fn() if critic else vs.ppo_loss_fn()
+    engine = worker.engine
+    with engine.train_mode():
+        engine.optimizer_zero_grad()
+        out = engine.forward_backward_batch(data.clone(), loss_fn, forward_only=False)
+        grads = {n: p.grad.full_tensor().clone() for n, p in engine.module.named_parameters()}
+    infer = data.clone()
+    tu.assign_non_tensor(infer, compute_loss=False)
+    result = worker.infer_batch(infer)
+    outputs = None if result is None else {k: [x.clone() for x in tu.get(result, k).unbind()] for k in out_keys}
+    metrics = {k: v for k, v in out["metrics"].items() if k.startswith("prefix_reuse/")}
+    return grads, outputs, metrics
+
+
+def _engine_ranks(rank: int, world: int, sp: int, port: int, model_dir: str, out_dir: str, critic: bool) -> None:
+    """mp target: verl-prefix's engine at (dp = world / sp, sp); dp rank d trains its rows of the
+    mini-batch. Each sp-rank-0 process writes its outputs; rank 0 also the gradients and metrics."""
+    from verl.utils import tensordict_utils as tu
+
+    vs.install_cpu_platform()
+    vs.init_process_group(rank, world, port)
+    if critic:
+        vs.load_value_models_with_sdpa()
+    budget = BUDGET["ours"]
+    kwargs = dict(
+        ENGINE, ulysses_sequence_parallel_size=sp, max_token_len_per_gpu=budget, infer_max_token_len_per_gpu=budget
+    )
+    if critic:
+        kwargs["model_type"] = "value_model"
+    worker = vs.build_worker(model_dir, reuse=True, **kwargs)
+    dp_rank = rank // sp
+    data = tu.index_select_tensor_dict(_engine_batch(world // sp, critic, budget), _rows_of_dp_rank(dp_rank))
+    grads, outputs, metrics = _engine_run(worker, data, critic, ("values",) if critic else ("log_probs", "entropy"))
+    if rank % sp == 0:
+        torch.save(
+            {"outputs": outputs, "metrics": metrics, "grads": grads if rank == 0 else None}, f"{out_dir}/{rank}.pt"
+        )
+    torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def stock_platform():
+    vs.install_cpu_platform()
+    vs.init_process_group()
+
+
+def _response_parts(outputs: list[torch.Tensor], data) -> list[torch.Tensor]:
+    """The response part of full-length per-token outputs (position t holds token t + 1's)."""
+    n_resp = data["responses"].offsets().diff().tolist()
+    return [x[len(x) - n - 1 : len(x) - 1] for x, n in zip(outputs, n_resp, strict=True)]
+
+
+@pytest.mark.parametrize(
+    "sp,dp,critic",
+    [(2, 1, False), (2, 1, True), (4, 1, False), (2, 2, False)],
+    ids=["actor-sp2", "critic-sp2", "actor-sp4-gqa", "actor-sp2-dp2"],
+)
+def test_engine_matches_stock_at_sp1(tmp_path, stock_platform, sp, dp, critic):
+    model_dir = vs.save_tiny_qwen3(str(tmp_path / "model"), seed=int(critic), value_model=critic)
+    if critic:
+        vs.load_value_models_with_sdpa()
+    budget = BUDGET["stock"]
+    kwargs = dict(ENGINE, max_token_len_per_gpu=budget, infer_max_token_len_per_gpu=budget)
+    if critic:
+        kwargs["model_type"] = "value_model"
+    stock = vs.build_worker(model_dir, reuse=False, **kwargs)
+    data = _engine_batch(dp, critic, budget)
+    keys = ("values",) if critic else ("log_probs", "entropy")
+    ref_grads, ref_outputs, _ = _engine_run(stock, data, critic, keys)
+
+    world = sp * dp
+    vs.spawn_ranks(_engine_ranks, (world, sp, vs.free_port(), model_dir, str(tmp_path), critic), world, timeout=300)
+    ours = [torch.load(tmp_path / f"{r}.pt") for r in range(0, world, sp)]
+    for name, ref in ref_grads.items():
+        assert ref.abs().max() > 0, name
+        assert rel_err(ours[0]["grads"][name], ref) <= GRAD_TOL, (name, rel_err(ours[0]["grads"][name], ref))
+    for key in keys:
+        got = [x for rank_out in ours for x in rank_out["outputs"][key]]  # dp ranks in order
+        err = max(
+            float((a - b).abs().max())
+            for a, b in zip(_response_parts(got, data), _response_parts(ref_outputs[key], data), strict=True)
+        )
+        assert err <= OUTPUT_TOL, (key, err)
+    metrics = ours[0]["metrics"]
+    assert metrics["prefix_reuse/fallbacks"] == [0.0]
+    assert metrics["prefix_reuse/groups"] == [2.0]  # dp rank 0's two shared groups
+
+
+def test_sp_size_that_does_not_split_the_heads_is_refused(stock_platform):
+    from verl_prefix.core.runtime import SequenceParallel
+
+    model = build("qwen3")  # 4 attention heads, 2 KV heads
+    batch = make_batch(CORE_GROUPS, seed=1)
+    sp = SequenceParallel(torch.distributed.group.WORLD, 3, 0, None, None, None)  # refused before any pass
+    with pytest.raises(ValueError, match="ulysses_sequence_parallel_size=3 must divide num_attention_heads=4"):
+        forward_backward(
+            model,
+            batch.input_ids,
+            batch.response_start,
+            batch.group_ids,
+            batch.loss_fn(),
+            runtime=ScheduleRuntime(sequence_parallel=sp),
+        )
