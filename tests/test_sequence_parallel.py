@@ -11,8 +11,6 @@ timeout: a hang fails.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import verl_support as vs
@@ -72,18 +70,11 @@ def _core_case(case: dict, sp_group) -> dict:
     }
 
 
-def _core_ranks(rank: int, world: int, port: int, out_dir: str, cases: list[dict]) -> None:
-    """mp target: every case on a sequence-parallel group of all `world` ranks; rank 0 writes."""
-    vs.init_process_group(rank, world, port)
-    group = torch.distributed.group.WORLD
-    results = []
-    for case in cases:
-        torch.manual_seed(0)
-        results.append(_core_case(case, group))
-    # a group whose ranks hold different rows: refused on every rank, before any all-to-all
-    batch = make_batch(CORE_GROUPS, seed=1 + rank)
+def _refusal_of_different_rows(rank: int, group) -> str:
+    """A group whose ranks hold different rows: refused on every rank, before any all-to-all."""
     from verl_prefix.backend.ulysses import sequence_parallel
 
+    batch = make_batch(CORE_GROUPS, seed=1 + rank)
     try:
         forward_backward(
             build("qwen3"),
@@ -93,15 +84,9 @@ def _core_ranks(rank: int, world: int, port: int, out_dir: str, cases: list[dict
             batch.loss_fn(),
             runtime=ScheduleRuntime(sequence_parallel=sequence_parallel(group)),
         )
-        refused = ""
     except ValueError as exc:
-        refused = str(exc)
-    refusals = [None] * world
-    torch.distributed.all_gather_object(refusals, refused)
-    if rank == 0:
-        with open(f"{out_dir}/result.json", "w") as f:
-            json.dump({"cases": results, "refusals": refusals}, f)
-    torch.distributed.destroy_process_group()
+        return str(exc)
+    return ""
 
 
 CORE_CASES_SP2 = [
@@ -114,20 +99,6 @@ CORE_CASES_SP2 = [
 ]
 # 4 ranks and 2 KV heads: each KV head is repeated (as verl does) so that every rank gets one
 CORE_CASES_SP4 = [dict(kind="qwen3", attention="merged", readout="log_probs", checkpointing=False)]
-
-
-@pytest.mark.parametrize("world,cases", [(2, CORE_CASES_SP2), (4, CORE_CASES_SP4)], ids=["sp2", "sp4"])
-def test_core_matches_dense_fp64(tmp_path, world, cases):
-    vs.spawn_ranks(_core_ranks, (world, vs.free_port(), str(tmp_path), cases), world, timeout=300)
-    result = json.loads((tmp_path / "result.json").read_text())
-    for case, errs in zip(cases, result["cases"], strict=True):
-        if case["readout"] == "values":
-            assert errs["values"] <= FP64_TOL, (case, errs)
-            continue
-        assert errs["groups"] == 2, case
-        for key in ("grads", "loss_fn_log_probs", "log_probs", "entropies"):
-            assert errs[key] <= FP64_TOL, (case, key, errs)
-    assert all("different rows" in r for r in result["refusals"]), result["refusals"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,13 +147,11 @@ def _engine_run(worker, data, critic: bool, out_keys: tuple[str, ...]):
     return grads, outputs, metrics
 
 
-def _engine_ranks(rank: int, world: int, sp: int, port: int, model_dir: str, out_dir: str, critic: bool) -> None:
-    """mp target: verl-prefix's engine at (dp = world / sp, sp); dp rank d trains its rows of the
-    mini-batch. Each sp-rank-0 process writes its outputs; rank 0 also the gradients and metrics."""
+def _engine_case(rank: int, world: int, sp: int, model_dir: str, critic: bool) -> dict | None:
+    """verl-prefix's engine at (dp = world / sp, sp); dp rank d trains its rows of the mini-batch.
+    Returns its outputs on sp rank 0 (and the gradients and metrics on rank 0), else None."""
     from verl.utils import tensordict_utils as tu
 
-    vs.install_cpu_platform()
-    vs.init_process_group(rank, world, port)
     if critic:
         vs.load_value_models_with_sdpa()
     budget = BUDGET["ours"]
@@ -192,14 +161,82 @@ def _engine_ranks(rank: int, world: int, sp: int, port: int, model_dir: str, out
     if critic:
         kwargs["model_type"] = "value_model"
     worker = vs.build_worker(model_dir, reuse=True, **kwargs)
-    dp_rank = rank // sp
-    data = tu.index_select_tensor_dict(_engine_batch(world // sp, critic, budget), _rows_of_dp_rank(dp_rank))
+    data = tu.index_select_tensor_dict(_engine_batch(world // sp, critic, budget), _rows_of_dp_rank(rank // sp))
     grads, outputs, metrics = _engine_run(worker, data, critic, ("values",) if critic else ("log_probs", "entropy"))
-    if rank % sp == 0:
-        torch.save(
-            {"outputs": outputs, "metrics": metrics, "grads": grads if rank == 0 else None}, f"{out_dir}/{rank}.pt"
-        )
+    if rank % sp:
+        return None
+    return {"outputs": outputs, "metrics": metrics, "grads": grads if rank == 0 else None}
+
+
+def _ranks(rank: int, world: int, port: int, out_dir: str, plan: dict) -> None:
+    """mp target, one process group of `world` ranks for everything at this size (process start-up
+    dominates these runs): the fp64 core cases on a group of all ranks, the refusal of different
+    rows, then each engine case. Rank r writes what it holds to out_dir/r.pt."""
+    vs.install_cpu_platform()
+    vs.init_process_group(rank, world, port)
+    group = torch.distributed.group.WORLD
+    core = []
+    for case in plan["core"]:
+        torch.manual_seed(0)
+        core.append(_core_case(case, group))
+    refusal = _refusal_of_different_rows(rank, group)
+    engine = {
+        name: _engine_case(rank, world, sp, model_dir, critic)
+        for name, (sp, model_dir, critic) in plan["engine"].items()
+    }
+    torch.save({"core": core, "refusal": refusal, "engine": engine}, f"{out_dir}/{rank}.pt")
     torch.distributed.destroy_process_group()
+
+
+CORE_CASES = {
+    2: [
+        dict(kind="qwen3", attention="merged", readout="log_probs"),  # GQA: 2 KV heads, one per rank
+        dict(kind="qwen3", attention="sdpa", readout="log_probs", checkpointing=True),
+        dict(kind="llama", attention="merged", readout="log_probs", checkpointing=False),
+        dict(kind="qwen3_tied", attention="merged", readout="log_probs"),
+        dict(kind="qwen3_moe", attention="merged", readout="log_probs"),
+        dict(kind="qwen3", attention="merged", readout="values"),
+    ],
+    # 4 ranks and 2 KV heads: each KV head is repeated (as verl does) so that every rank gets one
+    4: [dict(kind="qwen3", attention="merged", readout="log_probs", checkpointing=False)],
+}
+# engine cases per world size: name -> (sp, critic); dp = world / sp
+ENGINE_CASES = {
+    2: {"actor-sp2": (2, False), "critic-sp2": (2, True)},
+    4: {"actor-sp4-gqa": (4, False), "actor-sp2-dp2": (2, False)},
+}
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory) -> dict[bool, str]:
+    """critic -> saved tiny Qwen3 (a value model for the critic)."""
+    return {
+        critic: vs.save_tiny_qwen3(str(tmp_path_factory.mktemp("model")), seed=int(critic), value_model=critic)
+        for critic in (False, True)
+    }
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["world2", "world4"])
+def group_run(request, model_dirs, tmp_path_factory):
+    """(world, every rank's results) of one spawned run at this world size."""
+    world, out = request.param, tmp_path_factory.mktemp(f"world{request.param}")
+    engine = {name: (sp, model_dirs[critic], critic) for name, (sp, critic) in ENGINE_CASES[world].items()}
+    plan = {"core": CORE_CASES[world], "engine": engine}
+    vs.spawn_ranks(_ranks, (world, vs.free_port(), str(out), plan), world, timeout=360)
+    return world, [torch.load(out / f"{r}.pt") for r in range(world)]
+
+
+def test_core_matches_dense_fp64(group_run):
+    world, ranks = group_run
+    for case, errs in zip(CORE_CASES[world], ranks[0]["core"], strict=True):
+        if case["readout"] == "values":
+            assert errs["values"] <= FP64_TOL, (case, errs)
+            continue
+        assert errs["groups"] == 2, case
+        for key in ("grads", "loss_fn_log_probs", "log_probs", "entropies"):
+            assert errs[key] <= FP64_TOL, (case, key, errs)
+    refusals = [r["refusal"] for r in ranks]
+    assert all("different rows" in r for r in refusals), refusals
 
 
 @pytest.fixture(scope="module")
@@ -214,40 +251,37 @@ def _response_parts(outputs: list[torch.Tensor], data) -> list[torch.Tensor]:
     return [x[len(x) - n - 1 : len(x) - 1] for x, n in zip(outputs, n_resp, strict=True)]
 
 
-@pytest.mark.parametrize(
-    "sp,dp,critic",
-    [(2, 1, False), (2, 1, True), (4, 1, False), (2, 2, False)],
-    ids=["actor-sp2", "critic-sp2", "actor-sp4-gqa", "actor-sp2-dp2"],
-)
-def test_engine_matches_stock_at_sp1(tmp_path, stock_platform, sp, dp, critic):
-    model_dir = vs.save_tiny_qwen3(str(tmp_path / "model"), seed=int(critic), value_model=critic)
-    if critic:
-        vs.load_value_models_with_sdpa()
-    budget = BUDGET["stock"]
-    kwargs = dict(ENGINE, max_token_len_per_gpu=budget, infer_max_token_len_per_gpu=budget)
-    if critic:
-        kwargs["model_type"] = "value_model"
-    stock = vs.build_worker(model_dir, reuse=False, **kwargs)
-    data = _engine_batch(dp, critic, budget)
-    keys = ("values",) if critic else ("log_probs", "entropy")
-    ref_grads, ref_outputs, _ = _engine_run(stock, data, critic, keys)
+def test_engine_matches_stock_at_sp1(group_run, model_dirs, stock_platform):
+    world, ranks = group_run
+    for name, (sp, critic) in ENGINE_CASES[world].items():
+        dp = world // sp
+        if critic:
+            vs.load_value_models_with_sdpa()
+        budget = BUDGET["stock"]
+        kwargs = dict(ENGINE, max_token_len_per_gpu=budget, infer_max_token_len_per_gpu=budget)
+        if critic:
+            kwargs["model_type"] = "value_model"
+        stock = vs.build_worker(model_dirs[critic], reuse=False, **kwargs)
+        data = _engine_batch(dp, critic, budget)
+        keys = ("values",) if critic else ("log_probs", "entropy")
+        ref_grads, ref_outputs, _ = _engine_run(stock, data, critic, keys)
 
-    world = sp * dp
-    vs.spawn_ranks(_engine_ranks, (world, sp, vs.free_port(), model_dir, str(tmp_path), critic), world, timeout=300)
-    ours = [torch.load(tmp_path / f"{r}.pt") for r in range(0, world, sp)]
-    for name, ref in ref_grads.items():
-        assert ref.abs().max() > 0, name
-        assert rel_err(ours[0]["grads"][name], ref) <= GRAD_TOL, (name, rel_err(ours[0]["grads"][name], ref))
-    for key in keys:
-        got = [x for rank_out in ours for x in rank_out["outputs"][key]]  # dp ranks in order
-        err = max(
-            float((a - b).abs().max())
-            for a, b in zip(_response_parts(got, data), _response_parts(ref_outputs[key], data), strict=True)
-        )
-        assert err <= OUTPUT_TOL, (key, err)
-    metrics = ours[0]["metrics"]
-    assert metrics["prefix_reuse/fallbacks"] == [0.0]
-    assert metrics["prefix_reuse/groups"] == [2.0]  # dp rank 0's two shared groups
+        ours = [ranks[r]["engine"][name] for r in range(0, world, sp)]  # sp rank 0 of each dp rank
+        for param, ref in ref_grads.items():
+            assert ref.abs().max() > 0, (name, param)
+            assert rel_err(ours[0]["grads"][param], ref) <= GRAD_TOL, (
+                name,
+                param,
+                rel_err(ours[0]["grads"][param], ref),
+            )
+        for key in keys:
+            got = _response_parts([x for out in ours for x in out["outputs"][key]], data)  # dp ranks in order
+            want = _response_parts(ref_outputs[key], data)
+            err = max(float((a - b).abs().max()) for a, b in zip(got, want, strict=True))
+            assert err <= OUTPUT_TOL, (name, key, err)
+        metrics = ours[0]["metrics"]
+        assert metrics["prefix_reuse/fallbacks"] == [0.0], name
+        assert metrics["prefix_reuse/groups"] == [2.0], name  # dp rank 0's two shared groups
 
 
 def test_sp_size_that_does_not_split_the_heads_is_refused(stock_platform):
