@@ -299,3 +299,19 @@ def test_sp_size_that_does_not_split_the_heads_is_refused(stock_platform):
             batch.loss_fn(),
             runtime=ScheduleRuntime(sequence_parallel=sp),
         )
+
+
+def test_stock_dense_path_under_sp_without_flash_attn_is_refused(model_dirs, stock_platform, monkeypatch):
+    """verl's Ulysses patch wraps only flash-attn's attention: its dense path at sp=2 with SDPA gives
+    gradients 1.76x off (measured on CPU against sp=1). Where the reuse engine would call it (a
+    fallback, the in-loop check) it stops with the fix instead."""
+    from verl.utils import tensordict_utils as tu
+
+    worker = vs.build_worker(model_dirs[False], reuse=True, prefix_reuse={"verify_every": 1}, **ENGINE)
+    monkeypatch.setattr(worker.engine, "ulysses_sequence_parallel_size", 2)  # the checks read only these
+    data = _engine_batch(1, False, 48)
+    with pytest.raises(ValueError, match="prefix_reuse.verify_every needs verl's dense path.*flash_attention_2"):
+        worker.engine.forward_backward_batch(data, vs.ppo_loss_fn(), forward_only=False)
+    tu.assign_non_tensor(data, use_fused_kernels=True)  # a reason to fall back
+    with pytest.raises(ValueError, match="a mini-batch with use_fused_kernels needs verl's dense path"):
+        worker.engine.forward_backward_batch(data, vs.ppo_loss_fn(), forward_only=True)

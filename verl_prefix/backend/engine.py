@@ -111,6 +111,7 @@ class PrefixReuseEngineMixin:
         reason = self._agreed_reason(unsupported_reason(self, data))
         if reason is not None:
             self._warn_once(reason)
+            self._check_stock_dense_under_sp(f"a mini-batch with {reason}")
             output = self._dense(data, loss_function, forward_only)
             output["metrics"][METRIC_PREFIX + "fallbacks"] = [1.0]
             return output
@@ -252,6 +253,8 @@ class PrefixReuseEngineMixin:
         return loss
 
     def _reuse_train(self, data: TensorDict, loss_function: Callable, settings: PrefixReuseSettings):
+        if settings.verify_every:
+            self._check_stock_dense_under_sp("prefix_reuse.verify_every")
         self._assign_normalisation(data)
         batch = schedule_rows(data)
         device = self._device()
@@ -360,6 +363,18 @@ class PrefixReuseEngineMixin:
                     metrics,
                 )
         return {"model_output": model_output, "loss": losses, "metrics": metrics}
+
+    def _check_stock_dense_under_sp(self, what: str) -> None:
+        """verl's Ulysses patch wraps flash-attn's attention only: with any other attention its dense
+        path under sp > 1 attends within each rank's slice of the tokens (wrong, silently)."""
+        attention = getattr(self.module.config, "_attn_implementation", None)
+        if self.ulysses_sequence_parallel_size > 1 and attention != "flash_attention_2":
+            raise ValueError(
+                f"{what} needs verl's dense path, which under ulysses_sequence_parallel_size="
+                f"{self.ulysses_sequence_parallel_size} is correct only with attn_implementation=flash_attention_2 "
+                f"(this model: {attention}); set override_config.attn_implementation=flash_attention_2, or "
+                "ulysses_sequence_parallel_size=1."
+            )
 
     def _verify_against_dense(self, data: TensorDict, loss_function: Callable, reuse_seconds: float) -> dict:
         """Dense gradient of the same mini-batch beside the reuse one; grads are left as reuse made them."""
