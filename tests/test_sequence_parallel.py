@@ -303,8 +303,8 @@ def test_sp_size_that_does_not_split_the_heads_is_refused(stock_platform):
 
 def test_stock_dense_path_under_sp_without_flash_attn_is_refused(model_dirs, stock_platform, monkeypatch):
     """verl's Ulysses patch wraps only flash-attn's attention: its dense path at sp=2 with SDPA gives
-    gradients 1.76x off (measured on CPU against sp=1). Where the reuse engine would call it (a
-    fallback, the in-loop check) it stops with the fix instead."""
+    wrong gradients (max|g - g_sp1| = 1.76 x max|g_sp1|, measured on CPU). Where the reuse engine
+    would call it (a fallback, the in-loop check) it stops with the fix instead."""
     from verl.utils import tensordict_utils as tu
 
     worker = vs.build_worker(model_dirs[False], reuse=True, prefix_reuse={"verify_every": 1}, **ENGINE)
