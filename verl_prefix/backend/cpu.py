@@ -14,6 +14,9 @@ verl: the driver, the Ray task runner and every worker).
   accelerator: the same policy, unpinned.
 - verl's FSDP engine module reads the device name once, at import (before a platform is chosen),
   and builds the Ulysses (dp, sp) device mesh on it: "cpu" there.
+- verl's Ulysses all-to-all uses `torch.distributed.all_to_all` (a list of tensors), which gloo
+  lacks before torch 2.13 (the CPU demo's torch is 2.11): the same exchange through
+  `all_to_all_single`, which gloo has.
 - `VERL_ENGINE_DEVICE=cuda`: verl registers its FSDP engines for "cuda"/"npu" only; the engine
   lookup key is all this changes (the engine then runs on whatever device the platform reports).
 - verl 0.9.1 loads value models (the critic) with `attn_implementation="flash_attention_2"`
@@ -171,9 +174,28 @@ def _patch_verl_for_cpu() -> None:
     )
     # read at import time, before the platform was set; used for the Ulysses device mesh
     fsdp_impl.device_name = PLATFORM_NAME
+    import verl.utils.ulysses as ulysses
+
+    # gloo has all_to_all_single in every torch, all_to_all (lists) only from 2.13
+    ulysses.all_to_all_tensor = functools.partial(_all_to_all_tensor, ulysses.all_to_all_tensor)
     # pinning needs an accelerator: the same offload policy, unpinned
     fsdp_impl.CPUOffloadPolicy = lambda pin_memory=True: CPUOffloadPolicy(pin_memory=False)
     load_value_models_with_sdpa()
+
+
+def _all_to_all_tensor(verl_all_to_all, local_input, scatter_dim, gather_dim, group=None, async_op=False):
+    """verl's `all_to_all_tensor` (split `scatter_dim` into world-size equal parts, exchange, concatenate
+    the received parts along `gather_dim`) through one `all_to_all_single` on a stacked buffer."""
+    import verl.utils.ulysses as ulysses
+
+    if async_op:
+        return verl_all_to_all(local_input, scatter_dim, gather_dim, group, async_op)
+    group = ulysses.get_ulysses_sequence_parallel_group() if group is None else group
+    world = torch.distributed.get_world_size(group)
+    send = torch.stack([t.contiguous() for t in torch.tensor_split(local_input, world, scatter_dim)])
+    received = torch.empty_like(send)
+    torch.distributed.all_to_all_single(received, send, group=group)
+    return torch.cat(received.unbind(0), dim=gather_dim).contiguous()
 
 
 def load_value_models_with_sdpa() -> None:
