@@ -89,18 +89,6 @@ def _refusal_of_different_rows(rank: int, group) -> str:
     return ""
 
 
-CORE_CASES_SP2 = [
-    dict(kind="qwen3", attention="merged", readout="log_probs"),  # GQA: 2 KV heads, one per rank
-    dict(kind="qwen3", attention="sdpa", readout="log_probs", checkpointing=True),
-    dict(kind="llama", attention="merged", readout="log_probs", checkpointing=False),
-    dict(kind="qwen3_tied", attention="merged", readout="log_probs"),
-    dict(kind="qwen3_moe", attention="merged", readout="log_probs"),
-    dict(kind="qwen3", attention="merged", readout="values"),
-]
-# 4 ranks and 2 KV heads: each KV head is repeated (as verl does) so that every rank gets one
-CORE_CASES_SP4 = [dict(kind="qwen3", attention="merged", readout="log_probs", checkpointing=False)]
-
-
 # ---------------------------------------------------------------------------------------------
 # verl's engine at sp > 1 against the stock engine at sp = 1
 

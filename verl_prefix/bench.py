@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TypeVar
 
@@ -246,6 +246,11 @@ def batch_flop_bound(cfg: BenchConfig, model_config, dense_lm_head_all: bool) ->
     )
 
 
+def max_rel_diff(ours: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) -> float:
+    """max over tensors of max|ours - ref| / max|ref| (the figure every bench side reports)."""
+    return max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in zip(ours, ref, strict=True))
+
+
 def _grads(model: torch.nn.Module) -> list[torch.Tensor]:
     out = [p.grad.detach().clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
@@ -300,9 +305,7 @@ def run_bench(cfg: BenchConfig, progress=None, model: torch.nn.Module | None = N
     phase_memory = dict(stats_holder["stats"].peak_memory_bytes) if "stats" in stats_holder else {}
     if cfg.forward_only:
         dense_out, reuse_out = [torch.cat(dense_out)], [torch.cat(reuse_out)]
-    diff = max(
-        ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in zip(reuse_out, dense_out, strict=True)
-    )
+    diff = max_rel_diff(reuse_out, dense_out)
     del dense_out, reuse_out
     idle = current_bytes(device)
     dense_times, reuse_times = [], []

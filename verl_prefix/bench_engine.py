@@ -66,7 +66,7 @@ def run_engine_bench(cfg: BenchConfig, model: torch.nn.Module) -> EngineBenchRes
 
     from .backend.cpu import install_cpu_platform
     from .backend.harness import build_worker, init_process_group, ppo_loss_fn, save_word_tokenizer
-    from .bench import batch_flop_bound, synthetic_groups, timed
+    from .bench import batch_flop_bound, max_rel_diff, synthetic_groups, timed
 
     check_engine_bench(cfg)
     device = torch.device(cfg.device)
@@ -117,7 +117,7 @@ def run_engine_bench(cfg: BenchConfig, model: torch.nn.Module) -> EngineBenchRes
 
     # warm-up, also the comparison
     (_, ref), (_, ours) = call("stock", keep=True), call("reuse", keep=True)
-    diff = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in zip(ours, ref, strict=True))
+    diff = max_rel_diff(ours, ref)
     times: dict[str, list[float]] = {"stock": [], "reuse": []}
     for _ in range(cfg.repeats):
         for name in ("stock", "reuse"):

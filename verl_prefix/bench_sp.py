@@ -76,7 +76,7 @@ def run_sp_bench(cfg: BenchConfig) -> SequenceParallelBenchResult:
 def _rank(rank: int, cfg: BenchConfig, port: int, out: str) -> None:
     from .backend.harness import init_process_group
     from .backend.ulysses import sequence_parallel
-    from .bench import batch_flop_bound, build_model, policy_loss, synthetic_groups, timed
+    from .bench import batch_flop_bound, build_model, max_rel_diff, policy_loss, synthetic_groups, timed
     from .core import PrefixReuseConfig, ScheduleRuntime, compute_log_probs, forward_backward
 
     size = cfg.sequence_parallel
@@ -119,7 +119,7 @@ def _rank(rank: int, cfg: BenchConfig, port: int, out: str) -> None:
         return grads
 
     dense, reuse = outputs("dense"), outputs("reuse")
-    diff = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in zip(reuse, dense, strict=True))
+    diff = max_rel_diff(reuse, dense)
     del dense, reuse
     times: dict[str, list[float]] = {"dense": [], "reuse": []}
     for _ in range(cfg.repeats):
