@@ -110,3 +110,13 @@ def test_demo_overrides_compose_into_valid_configs(demo_out, reuse, extra, monke
     assert actor.prefix_reuse.enable is reuse and critic.prefix_reuse.enable is reuse
     assert actor.prefix_reuse.verify_every == (DemoConfig.steps if reuse else 0)
     assert preflight(config) == []  # actor and critic agree; no warning
+
+
+def test_demo_refuses_ulysses_on_cpu_with_the_alternative(capsys):
+    from verl_prefix.cli import main
+
+    override = "actor_rollout_ref.actor.ulysses_sequence_parallel_size=2"
+    assert main(["demo", "--out", "unused", "--", override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"verl-prefix demo: error: {override} with --device cpu") and "check_sp_e2e.py" in err
+    assert err.count("\n") == 1

@@ -72,6 +72,18 @@ class DemoConfig:
             raise ValueError(f"--device={self.device!r}: use cpu or cuda.")
         if self.prompts_per_step < 1 or self.group_size < 2 or self.response_length < 1:
             raise ValueError("--prompts-per-step >= 1, --group-size >= 2 and --response-length >= 1 are needed.")
+        for override in self.overrides:
+            key, _, value = override.partition("=")
+            if (
+                self.device == "cpu"
+                and key.endswith("ulysses_sequence_parallel_size")
+                and value.strip() not in ("1", "")
+            ):
+                raise ValueError(
+                    f"{override} with --device cpu: the demo's stock baseline has no Ulysses attention on CPU "
+                    "(verl's patch wraps flash-attn only); scripts/check_sp_e2e.py runs the reuse loop at "
+                    "sp=2 against sp=1 instead."
+                )
 
 
 # ---------------------------------------------------------------------------------------------
