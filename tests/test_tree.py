@@ -1,0 +1,99 @@
+"""The prefix tree found from tokens (`verl_prefix.core.tree`), against its definition row pair by row pair."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from verl_prefix.core.tree import build_prefix_tree
+
+
+def _lcp(a: torch.Tensor, b: torch.Tensor) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def check_tree(rows: list[torch.Tensor], limit: list[int], min_node_tokens: int) -> None:
+    tree = build_prefix_tree(rows, limit, min_node_tokens)
+    for k, node in enumerate(tree.nodes):
+        assert len(node.rows) >= 2, node
+        assert node.length >= max(1, min_node_tokens), node
+        if node.parent is None:
+            assert node.start == 0, node
+        else:
+            parent = tree.nodes[node.parent]
+            assert node.parent < k, "parents come first"
+            assert parent.end == node.start and set(node.rows) <= set(parent.rows), (node, parent)
+        first = rows[node.rows[0]]
+        for r in node.rows:
+            assert node.end <= limit[r], (node, r)
+            assert torch.equal(rows[r][: node.end], first[: node.end]), (node, r)
+    for r, node in enumerate(tree.row_node):
+        held = [k for k, nd in enumerate(tree.nodes) if r in nd.rows]
+        assert node == (max(held, key=lambda k: tree.nodes[k].end) if held else None)
+        assert tree.path(node) == sorted(held)
+    # optimal sharing: two rows share their whole common shareable prefix, but for a last edge shorter
+    # than min_node_tokens (computed per child instead)
+    for a, b in itertools.combinations(range(len(rows)), 2):
+        common = set(tree.path(tree.row_node[a])) & set(tree.path(tree.row_node[b]))
+        shared = max((tree.nodes[k].end for k in common), default=0)
+        want = min(_lcp(rows[a], rows[b]), limit[a], limit[b])
+        assert want - max(1, min_node_tokens) < shared <= want, (a, b, shared, want)
+
+
+def test_system_prompt_shared_across_groups_and_their_questions():
+    system, q1, q2 = torch.arange(10), torch.arange(100, 106), torch.arange(200, 204)
+    prompts = [torch.cat([system, q]) for q in (q1, q1, q1, q2, q2)]
+    rows = [torch.cat([p, torch.tensor([900 + i, 1, 2])]) for i, p in enumerate(prompts)]
+    limit = [len(p) - 1 for p in prompts]  # nodes end before each row's last prompt token
+    tree = build_prefix_tree(rows, limit)
+    assert [(n.parent, n.start, n.end, n.rows) for n in tree.nodes] == [
+        (None, 0, 10, (0, 1, 2, 3, 4)),
+        (0, 10, 15, (0, 1, 2)),
+        (0, 10, 13, (3, 4)),
+    ]
+    assert tree.row_node == (1, 1, 1, 2, 2)
+    check_tree(rows, limit, 1)
+
+
+def test_depth_three_and_a_row_that_shares_nothing():
+    base = torch.arange(20)
+    rows = [base.clone() for _ in range(5)] + [torch.arange(50, 60)]
+    rows[2][12:] += 100  # rows 0, 1 go on together after 12; rows 3, 4 after 16
+    rows[3][16:] += 200
+    rows[4][16:] += 200
+    rows[0][18:] += 300
+    limit = [len(r) for r in rows]
+    check_tree(rows, limit, 1)
+    tree = build_prefix_tree(rows, limit)
+    assert max(len(tree.path(k)) for k in range(len(tree.nodes))) >= 3
+    assert tree.row_node[5] is None
+
+
+def test_a_short_edge_is_computed_by_each_child():
+    rows = [[1, 2, 3, 4, 5, 6, 9], [1, 2, 3, 4, 5, 7, 9], [1, 8, 8, 8, 8, 8, 9], [1, 2, 3, 4, 5, 6, 9]]
+    rows = [torch.tensor(r) for r in rows]
+    limit = [6] * 4
+    tree = build_prefix_tree(rows, limit, min_node_tokens=2)
+    # [1] (shared by all four) is one token: no node, rows 0, 1, 3 share [1 2 3 4 5] from position 0;
+    # rows 0 and 3 go on together for one more token: computed in each row instead
+    assert [(n.parent, n.start, n.end, n.rows) for n in tree.nodes] == [(None, 0, 5, (0, 1, 3))]
+    assert tree.row_node == (0, 0, None, 0)
+    check_tree(rows, limit, 2)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=12), min_size=1, max_size=10),
+    st.data(),
+    st.integers(1, 3),
+)
+def test_random_rows_satisfy_the_definition(token_rows, data, min_node_tokens):
+    rows = [torch.tensor(r) for r in token_rows]
+    limit = [data.draw(st.integers(0, len(r))) for r in token_rows]
+    check_tree(rows, limit, min_node_tokens)

@@ -1,0 +1,122 @@
+"""The prefix tree of a mini-batch, found from the tokens: which spans of tokens several rows share.
+
+A node is a span [start, end) of tokens that every row in `rows` holds at the same positions, below
+its parent's span (parent.end == start). A row's path is the chain of nodes from the root to its
+deepest node; the row's own part (its suffix) starts where that node ends. Every row's nodes end
+before its last shareable token (`limit[r]`): the logit at a row's last prompt token predicts its first
+response token, so that token stays in the row's own part (as the one-level schedule keeps it).
+
+Built from the rows sorted by their tokens and the longest common prefixes of neighbours (the LCP of a
+sorted run is the minimum of its neighbours' LCPs), not pairwise: O(rows log rows) comparisons plus
+one scan per tree level. Pure bookkeeping, no model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class TreeNode:
+    """Tokens [start, end) shared by `rows`; `parent` is a node index (None at the top)."""
+
+    parent: int | None
+    start: int
+    end: int
+    rows: tuple[int, ...]
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class PrefixTree:
+    """Nodes, parents before children; `row_node[r]` = row r's deepest node (None: shares nothing)."""
+
+    nodes: tuple[TreeNode, ...]
+    row_node: tuple[int | None, ...]
+
+    def path(self, node: int | None) -> list[int]:
+        """Node indices from the top down to `node` (empty for None)."""
+        out = []
+        while node is not None:
+            out.append(node)
+            node = self.nodes[node].parent
+        return out[::-1]
+
+    def depth(self, node: int) -> int:
+        return len(self.path(node))
+
+    def shared_len(self, row: int) -> int:
+        """Tokens of `row` computed in its nodes (its own part starts here)."""
+        node = self.row_node[row]
+        return 0 if node is None else self.nodes[node].end
+
+
+def _lcp(a: torch.Tensor, b: torch.Tensor) -> int:
+    n = min(len(a), len(b))
+    mismatch = (a[:n] != b[:n]).nonzero()
+    return int(mismatch[0, 0]) if len(mismatch) else n
+
+
+def build_prefix_tree(input_ids: Sequence[torch.Tensor], limit: Sequence[int], min_node_tokens: int = 1) -> PrefixTree:
+    """The prefix tree of `input_ids` (1-D token tensors) whose nodes stay within each member row's
+    first `limit[r]` tokens. An edge shorter than `min_node_tokens` gets no node of its own: its
+    tokens are computed in each child (or each row) instead, so no pass is ever tiny."""
+    n = len(input_ids)
+    # each row's shareable tokens, sorted: rows that can share are neighbours, and the common
+    # shareable prefix of a sorted run is the minimum of its neighbours' (the order of strings)
+    shareable = [r[: max(0, int(m))] for r, m in zip(input_ids, limit, strict=True)]
+    keys = [tuple(r.tolist()) for r in shareable]
+    order = sorted(range(n), key=keys.__getitem__)
+    # shared[i]: tokens rows order[i - 1] and order[i] can share
+    shared = [0] * n
+    for i in range(1, n):
+        shared[i] = _lcp(shareable[order[i - 1]], shareable[order[i]])
+    nodes: list[TreeNode] = []
+    row_node: list[int | None] = [None] * n
+    # (lo, hi, start, depth, parent): rows order[lo:hi] share `depth` tokens; `parent` (their deepest
+    # node) ends at `start` <= depth (below `start` an edge too short for a node of its own)
+    stack: list[tuple[int, int, int, int, int | None]] = [(0, n, 0, 0, None)]
+    while stack:
+        lo, hi, start, depth, parent = stack.pop()
+        i = lo
+        while i < hi:
+            j = i + 1
+            while j < hi and shared[j] > depth:
+                j += 1
+            if j - i < 2:  # a row alone below `depth`: its deepest node is `parent`
+                row_node[order[i]] = parent
+            else:
+                end = min(shared[i + 1 : j])
+                if end - start >= max(1, min_node_tokens):
+                    nodes.append(TreeNode(parent, start, end, tuple(sorted(order[i:j]))))
+                    stack.append((i, j, end, end, len(nodes) - 1))
+                else:
+                    stack.append((i, j, start, end, parent))
+            i = j
+    return _topological(nodes, row_node)
+
+
+def _topological(nodes: list[TreeNode], row_node: list[int | None]) -> PrefixTree:
+    """Renumber nodes so that parents come first, then by their first row (a stable, readable order)."""
+    children: dict[int | None, list[int]] = {}
+    for k, node in enumerate(nodes):
+        children.setdefault(node.parent, []).append(k)
+    new_index: dict[int, int] = {}
+    ordered: list[TreeNode] = []
+    frontier = sorted(children.get(None, []), key=lambda k: nodes[k].rows[0])
+    while frontier:
+        level = []
+        for k in frontier:
+            node = nodes[k]
+            parent = None if node.parent is None else new_index[node.parent]
+            new_index[k] = len(ordered)
+            ordered.append(TreeNode(parent, node.start, node.end, node.rows))
+            level.extend(children.get(k, []))
+        frontier = sorted(level, key=lambda k: (nodes[k].start, nodes[k].rows[0]))
+    return PrefixTree(tuple(ordered), tuple(None if k is None else new_index[k] for k in row_node))
