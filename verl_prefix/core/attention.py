@@ -29,12 +29,13 @@ ATTENTION_NAME = "verl_prefix"
 
 @dataclass(frozen=True)
 class Block:
-    """Queries [q_start, q_end) of a packed forward: rows of lengths `row_lengths`, one group."""
+    """Queries [q_start, q_end) of a packed forward: rows of lengths `row_lengths` that all read the
+    stored K/V of `prefixes` (the shared spans above them, top first; empty = none) before their own."""
 
     q_start: int
     q_end: int
     row_lengths: tuple[int, ...]
-    prefix: PrefixRef | None
+    prefixes: tuple[PrefixRef, ...] = ()
 
 
 class AttentionContext:
@@ -89,9 +90,13 @@ def _flash_takes_lower_right(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 
 def _prefix_for_block(ctx: AttentionContext, block: Block, layer: int):
-    if block.prefix is None or ctx.mode == "capture":
+    """The block's prefix K/V, its spans concatenated (None, None without any)."""
+    if not block.prefixes:
         return None, None
-    return ctx.prefix_kv.read(block.prefix, layer)
+    kvs = [ctx.prefix_kv.read(ref, layer) for ref in block.prefixes]
+    if len(kvs) == 1:
+        return kvs[0]
+    return torch.cat([k for k, _ in kvs], dim=2), torch.cat([v for _, v in kvs], dim=2)
 
 
 def _sdpa(ctx: AttentionContext, layer: int, q, k, v, scaling: float, dropout: float) -> torch.Tensor:
@@ -113,7 +118,7 @@ def _sdpa(ctx: AttentionContext, layer: int, q, k, v, scaling: float, dropout: f
             # consecutive prefix-less rows of one length (rows that share nothing, Phase-A
             # prefixes): one batched causal call, as a dense batch would make
             j = i + 1
-            while j < len(blocks) and blocks[j].row_lengths == block.row_lengths and blocks[j].prefix is None:
+            while j < len(blocks) and blocks[j].row_lengths == block.row_lengths and not blocks[j].prefixes:
                 j += 1
             if j - i > 1:
                 outs.append(_batched_causal(q, k, v, block.q_start, j - i, block.row_lengths[0], scaling, dropout))
@@ -188,30 +193,31 @@ def _flex_layout(ctx: AttentionContext, device: torch.device):
 
     refs: list[PrefixRef] = []
     for b in ctx.blocks:
-        if ctx.mode == "suffix" and b.prefix is not None and b.prefix not in refs:
-            refs.append(b.prefix)
+        refs.extend(ref for ref in b.prefixes if ref not in refs)
     n_prefix = sum(r.length for r in refs)
     n_q = ctx.blocks[-1].q_end
-    # Per key token: owning block-set id for prefix tokens, row id for own tokens.
-    kv_prefix_id = torch.full((n_prefix + n_q,), -1, dtype=torch.long)
-    q_prefix_id = torch.full((n_q,), -2, dtype=torch.long)
-    row_id = torch.full((n_prefix + n_q,), -1, dtype=torch.long)
+    # reads[block, ref]: whether the block's queries read that prefix span (last column: own keys)
+    reads = torch.zeros(len(ctx.blocks), len(refs) + 1, dtype=torch.bool)
+    kv_ref = torch.full((n_prefix + n_q,), len(refs), dtype=torch.long)  # prefix keys: their span
+    q_block = torch.zeros(n_q, dtype=torch.long)
+    row_id = torch.full((n_prefix + n_q,), -1, dtype=torch.long)  # own keys and queries: their row
     offset, row = 0, 0
     for i, ref in enumerate(refs):
-        kv_prefix_id[offset : offset + ref.length] = i
+        kv_ref[offset : offset + ref.length] = i
         offset += ref.length
-    for b in ctx.blocks:
-        if ctx.mode == "suffix" and b.prefix is not None:
-            q_prefix_id[b.q_start : b.q_end] = refs.index(b.prefix)
+    for i, b in enumerate(ctx.blocks):
+        q_block[b.q_start : b.q_end] = i
+        for ref in b.prefixes:
+            reads[i, refs.index(ref)] = True
         pos = b.q_start
         for n in b.row_lengths:
             row_id[n_prefix + pos : n_prefix + pos + n] = row
             pos, row = pos + n, row + 1
     q_row = row_id[n_prefix:].to(device)
-    kv_row, kv_prefix_id, q_prefix_id = row_id.to(device), kv_prefix_id.to(device), q_prefix_id.to(device)
+    kv_row, kv_ref, q_block, reads = row_id.to(device), kv_ref.to(device), q_block.to(device), reads.to(device)
 
     def mask_mod(b, h, q_idx, kv_idx):
-        reads_prefix = kv_prefix_id[kv_idx] == q_prefix_id[q_idx]
+        reads_prefix = reads[q_block[q_idx], kv_ref[kv_idx]]
         own = (kv_row[kv_idx] == q_row[q_idx]) & (kv_idx - n_prefix <= q_idx)
         return reads_prefix | own
 
@@ -368,7 +374,7 @@ def prefix_attention(
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     backend = ctx.backend
-    if backend == "flex" and (ctx.mode == "capture" or all(b.prefix is None for b in ctx.blocks)):
+    if backend == "flex" and all(not b.prefixes for b in ctx.blocks):
         # nothing to read from a prefix: plain (batched) causal attention, SDPA's flash kernel
         backend = "sdpa"
     out = _BACKENDS[backend](ctx, layer, query, key, value, scaling, dropout)

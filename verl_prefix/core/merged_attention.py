@@ -71,9 +71,9 @@ class _MergedAttention(torch.autograd.Function):
                     lse = torch.empty(q.shape[:3], dtype=l_r.dtype, device=q.device)
                 out[:, :, s:e] = o_r
                 lse[:, :, s:e] = l_r
-            if block.prefix is not None:
+            for ref in block.prefixes:
                 s, e = block.q_start, block.q_end
-                kp, vp = prefix_kv.view(block.prefix, layer)
+                kp, vp = prefix_kv.view(ref, layer)
                 o_p, l_p = _forward(q[:, :, s:e], kp, vp, False, scale)
                 l_own = lse[:, :, s:e]
                 merged = torch.logaddexp(l_p, l_own)
@@ -98,14 +98,14 @@ class _MergedAttention(torch.autograd.Function):
                     out[:, :, s:e], lse[:, :, s:e], True, ctx.scale,
                 )  # fmt: skip
                 grad_q[:, :, s:e], grad_k[:, :, s:e], grad_v[:, :, s:e] = dq, dk, dv
-            if block.prefix is not None:
+            for ref in block.prefixes:
                 s, e = block.q_start, block.q_end
-                kp, vp = ctx.prefix_kv.view(block.prefix, ctx.layer)
+                kp, vp = ctx.prefix_kv.view(ref, ctx.layer)
                 dq, dk, dv = _backward(
                     grad_out[:, :, s:e], q[:, :, s:e], kp, vp, out[:, :, s:e], lse[:, :, s:e], False, ctx.scale
                 )
                 grad_q[:, :, s:e] += dq
-                ctx.prefix_kv.add_grad(block.prefix, ctx.layer, dk, dv)
+                ctx.prefix_kv.add_grad(ref, ctx.layer, dk, dv)
         return grad_q, grad_k, grad_v, None, None, None, None
 
 

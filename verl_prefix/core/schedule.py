@@ -307,13 +307,13 @@ def _prefix_forward(step: _Step, chunk: int, store: bool) -> torch.Tensor:
     groups = [] if step.is_padding_chunk(chunk) else [step.plan.groups[g] for g in step.plan.prefix_chunks[chunk]]
     blocks, offset = [], 0
     for grp in groups:
-        blocks.append(Block(offset, offset + grp.prefix_len, (grp.prefix_len,), None))
+        blocks.append(Block(offset, offset + grp.prefix_len, (grp.prefix_len,)))
         offset += grp.prefix_len
     if groups:
         ids = torch.cat([step.rows[grp.rows[0]][: grp.prefix_len] for grp in groups])
         positions = torch.cat([torch.arange(grp.prefix_len, device=step.device) for grp in groups])
     else:
-        blocks = [Block(0, 1, (1,), None)]
+        blocks = [Block(0, 1, (1,))]
         ids = positions = torch.zeros(1, dtype=torch.long, device=step.device)
     ctx = AttentionContext(
         "capture", tuple(blocks), step.prefix_kv, step.config.attention, chunk=chunk, store=store, sp=step.sp
@@ -344,7 +344,8 @@ def _suffix_forward(
     for seg in segments:
         p = step.plan.groups[seg.group].prefix_len
         lengths = tuple(len(rows[r]) - p for r in seg.rows)
-        blocks.append(Block(offset, offset + sum(lengths), lengths, step.refs.get(seg.group)))
+        ref = step.refs.get(seg.group)
+        blocks.append(Block(offset, offset + sum(lengths), lengths, () if ref is None else (ref,)))
         for r, n in zip(seg.rows, lengths, strict=True):
             start = step.response_start[r]
             ids.append(rows[r][p:])
@@ -421,7 +422,7 @@ def _suffix_loss(
 def _padding_loss(step: _Step) -> torch.Tensor:
     """A one-token pass with zero loss: the same module calls (and FSDP collectives) as a real
     micro-batch, no effect on any gradient."""
-    ctx = AttentionContext("suffix", (Block(0, 1, (1,), None),), step.prefix_kv, step.config.attention, sp=step.sp)
+    ctx = AttentionContext("suffix", (Block(0, 1, (1,)),), step.prefix_kv, step.config.attention, sp=step.sp)
     ids, positions, _ = _shard(step.sp, *[torch.zeros(1, dtype=torch.long, device=step.device)] * 2)
     out = step.model(input_ids=ids, position_ids=positions, use_cache=False, **{CONTEXT_KWARG: ctx}).logits
     return 0.0 * out.sum()
