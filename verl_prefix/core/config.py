@@ -27,7 +27,11 @@ class PrefixReuseConfig:
             forward-only on CPU), or "flash_attn" (varlen kernel, CUDA + flash-attn installed).
         prefix_activations: what happens to the dormant prefix graph during Phase B: "keep" it,
             "offload" its saved tensors to CPU, or "recompute" the prefix forward in Phase C.
-        min_prefix_tokens: groups whose shared prefix is shorter than this run dense.
+        min_prefix_tokens: groups whose shared prefix is shorter than this run dense (in a tree: a
+            shared span shorter than this gets no node; its rows compute it themselves).
+        prefix_tree: share every span that several rows hold, found from the tokens across group
+            ids (a system prompt common to all groups, then each group's question, ...): a prefix
+            tree run top-down in Phase A and bottom-up in Phase C. False = one prefix per group id.
         temperature: logits are divided by it before log-softmax, as verl does.
         router_aux_loss: MoE only. Add, per suffix micro-batch, coef x transformers'
             `load_balancing_loss_func` of the dense micro-batch made of the same rows (prefix tokens
@@ -39,6 +43,7 @@ class PrefixReuseConfig:
     attention: AttentionBackend = "auto"
     prefix_activations: PrefixActivations = "keep"
     min_prefix_tokens: int = 1
+    prefix_tree: bool = False
     temperature: float = 1.0
     router_aux_loss: bool = False
     router_aux_loss_coef: float | None = None

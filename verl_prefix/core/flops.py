@@ -49,10 +49,12 @@ class FlopModel:
         head = tokens if lm_head_tokens is None else lm_head_tokens
         return tokens * self.per_token + head * self.per_token_lm_head + pairs * self.per_pair
 
-    def prefix_forward(self, prefix_len: int, lm_head: bool = False) -> float:
-        """Forward FLOPs of one prefix; the schedule skips its lm_head (its logits are never read)."""
+    def prefix_forward(self, prefix_len: int, lm_head: bool = False, above: int = 0) -> float:
+        """Forward FLOPs of one prefix (span) reading `above` stored tokens; the schedule skips its
+        lm_head (its logits are never read)."""
         per_token = self.per_token + (self.per_token_lm_head if lm_head else 0.0)
-        return prefix_len * per_token + prefix_len * (prefix_len + 1) / 2 * self.per_pair
+        pairs = prefix_len * above + prefix_len * (prefix_len + 1) / 2
+        return prefix_len * per_token + pairs * self.per_pair
 
     def suffix_forward(self, prefix_len: int, suffix_len: int) -> float:
         """Forward FLOPs of one suffix reading a prefix of `prefix_len` tokens."""
@@ -67,6 +69,19 @@ class FlopModel:
             self.prefix_forward(p) + sum(self.suffix_forward(p, s) for s in ss)
             for p, ss in zip(prefix_lens, suffix_lens, strict=True)
         )
+        return dense / reuse if reuse else 1.0
+
+    def tree_training_ratio(
+        self, spans: Sequence[tuple[int, int]], suffixes: Sequence[tuple[int, int]], recompute: bool = False
+    ) -> float:
+        """Dense/reuse training FLOPs of a prefix tree: `spans` and `suffixes` are (tokens read above,
+        tokens computed) per shared span and per row's suffix; a row's dense length is their sum.
+        With one level (spans read nothing above) it equals `training_ratio`."""
+        dense = 3 * self.dense_forward([a + n for a, n in suffixes])
+        prefixes = sum(self.prefix_forward(n, above=a) for a, n in spans)
+        reuse = 3 * (prefixes + sum(self.suffix_forward(a, n) for a, n in suffixes))
+        if recompute:
+            reuse += prefixes
         return dense / reuse if reuse else 1.0
 
     def training_ratio(

@@ -13,10 +13,21 @@ import torch
 
 @dataclass(frozen=True)
 class PrefixGroup:
-    """Rows that share `prefix_len` leading tokens. `prefix_len == 0` means one dense row."""
+    """Rows that share `prefix_len` leading tokens. `prefix_len == 0` means one dense row.
+
+    In a prefix tree a group is a node: it computes tokens [start, prefix_len) of its rows, below its
+    `parent` group (whose prefix_len is `start`); one-level plans have start 0 and no parent.
+    """
 
     rows: tuple[int, ...]
     prefix_len: int
+    start: int = 0
+    parent: int | None = None
+
+    @property
+    def span(self) -> int:
+        """Tokens this group's Phase-A pass computes."""
+        return self.prefix_len - self.start
 
 
 @dataclass(frozen=True)
@@ -41,9 +52,21 @@ class SchedulePlan:
         for c, chunk in enumerate(self.prefix_chunks):
             offset = 0
             for g in chunk:
-                refs[g] = (c, offset, offset + self.groups[g].prefix_len)
-                offset += self.groups[g].prefix_len
+                refs[g] = (c, offset, offset + self.groups[g].span)
+                offset += self.groups[g].span
         return refs
+
+    def path(self, g: int | None) -> list[int]:
+        """Groups from the top of the tree down to `g` (empty for None)."""
+        out = []
+        while g is not None:
+            out.append(g)
+            g = self.groups[g].parent
+        return out[::-1]
+
+    def row_groups(self) -> dict[int, int]:
+        """Row -> the group its suffix reads (its deepest node, or its own dense group)."""
+        return {r: seg.group for mb in self.micro_batches for seg in mb for r in seg.rows}
 
     def micro_batch_rows(self) -> list[tuple[int, ...]]:
         """Rows of each Phase-B micro-batch, in order (the partition a per-micro-batch loss sees)."""
@@ -105,29 +128,57 @@ def pack_in_order(items: Sequence[tuple[int, int]], budget: int | None) -> list[
     return bins
 
 
+def tree_groups(
+    input_ids: Sequence[torch.Tensor], response_start: Sequence[int], min_prefix_tokens: int
+) -> tuple[list[PrefixGroup], dict[int, int]]:
+    """The prefix tree of the rows as groups (nodes first, parents before children, then one dense
+    group per row that shares nothing) and each row's suffix group. Nodes end before each member's
+    last prompt token, as one-level prefixes do."""
+    from .tree import build_prefix_tree
+
+    tree = build_prefix_tree(input_ids, [s - 1 for s in response_start], min_prefix_tokens)
+    groups = [PrefixGroup(n.rows, n.end, n.start, n.parent) for n in tree.nodes]
+    row_group = {}
+    for r, node in enumerate(tree.row_node):
+        if node is None:
+            groups.append(PrefixGroup((r,), 0))
+            node = len(groups) - 1
+        row_group[r] = node
+    return groups, row_group
+
+
 def make_plan(
     input_ids: Sequence[torch.Tensor],
     response_start: Sequence[int],
     group_ids: Sequence[Hashable],
     max_tokens_per_micro_batch: int | None,
     min_prefix_tokens: int,
+    tree: bool = False,
 ) -> SchedulePlan:
-    """Build the schedule: each group's prefix runs once; its suffixes may span micro-batches."""
+    """Build the schedule: each group's prefix runs once; its suffixes may span micro-batches.
+
+    `tree`: the groups are the nodes of the rows' prefix tree, found from the tokens across group
+    ids; Phase-A chunks then hold nodes of one depth, top level first."""
     lengths = [len(x) for x in input_ids]
-    groups = find_prefix_groups(input_ids, response_start, group_ids, min_prefix_tokens)
-    row_group = {r: g for g, grp in enumerate(groups) for r in grp.rows}
+    if tree:
+        groups, row_group = tree_groups(input_ids, response_start, min_prefix_tokens)
+        suffix_rows = sorted(range(len(input_ids)), key=lambda r: (row_group[r], r))
+    else:
+        groups = find_prefix_groups(input_ids, response_start, group_ids, min_prefix_tokens)
+        row_group = {r: g for g, grp in enumerate(groups) for r in grp.rows}
+        suffix_rows = [r for grp in groups for r in grp.rows]
 
     suffix_items = []
-    for grp in groups:
-        for r in grp.rows:
-            suffix = lengths[r] - grp.prefix_len
-            if max_tokens_per_micro_batch is not None and suffix > max_tokens_per_micro_batch:
-                raise ValueError(
-                    f"row {r} has a suffix of {suffix} tokens (prefix {grp.prefix_len} of {lengths[r]}), "
-                    f"more than max_tokens_per_micro_batch={max_tokens_per_micro_batch}; raise "
-                    "max_tokens_per_micro_batch to at least the longest suffix."
-                )
-            suffix_items.append((r, suffix))
+    for r in suffix_rows:
+        grp = groups[row_group[r]]
+        suffix = lengths[r] - grp.prefix_len
+        if max_tokens_per_micro_batch is not None and suffix > max_tokens_per_micro_batch:
+            raise ValueError(
+                f"row {r} has a suffix of {suffix} tokens (prefix {grp.prefix_len} of {lengths[r]}), "
+                f"more than max_tokens_per_micro_batch={max_tokens_per_micro_batch}; raise "
+                "max_tokens_per_micro_batch to at least the longest suffix."
+            )
+        suffix_items.append((r, suffix))
     micro_batches = []
     for rows in pack_in_order(suffix_items, max_tokens_per_micro_batch):
         segments: list[Segment] = []
@@ -139,6 +190,11 @@ def make_plan(
                 segments.append(Segment(g, (r,)))
         micro_batches.append(tuple(segments))
 
-    shared = [(g, grp.prefix_len) for g, grp in enumerate(groups) if grp.prefix_len > 0]
-    prefix_chunks = tuple(tuple(c) for c in pack_in_order(shared, max_tokens_per_micro_batch))
-    return SchedulePlan(tuple(groups), prefix_chunks, tuple(micro_batches))
+    depth = {}
+    for g, grp in enumerate(groups):  # parents come first
+        depth[g] = 0 if grp.parent is None else depth[grp.parent] + 1
+    chunks: list[list[int]] = []
+    for level in sorted({depth[g] for g, grp in enumerate(groups) if grp.prefix_len > 0}):
+        nodes = [(g, grp.span) for g, grp in enumerate(groups) if grp.prefix_len > 0 and depth[g] == level]
+        chunks += pack_in_order(nodes, max_tokens_per_micro_batch)
+    return SchedulePlan(tuple(groups), tuple(tuple(c) for c in chunks), tuple(micro_batches))

@@ -161,7 +161,7 @@ class _Step:
     chunks: int  # Phase-A/C passes: the plan's chunks, then one-token padding chunks
     micro_batches: int  # Phase-B passes: the plan's micro-batches, then one-token padding passes
     prefix_kv: PrefixKV = field(default_factory=PrefixKV)
-    refs: dict[int, PrefixRef] = field(default_factory=dict)
+    refs: dict[int, tuple[PrefixRef, ...]] = field(default_factory=dict)  # group -> its path's spans
     head_outputs: dict[int, torch.Tensor] = field(default_factory=dict)  # Phase-A outputs (graph roots)
     rng_states: dict[int, tuple] = field(default_factory=dict)
     router: PrefixRouterLogits | None = None
@@ -189,7 +189,19 @@ def _start(model, input_ids, response_start, group_ids, config, runtime, readout
         _check_row_temperature(row_temperature, len(rows))
         if runtime.sequence_parallel is not None:
             _check_sequence_parallel(model, runtime.sequence_parallel, config)
-        plan = make_plan(rows, response_start, group_ids, config.max_tokens_per_micro_batch, config.min_prefix_tokens)
+        plan = make_plan(
+            rows,
+            response_start,
+            group_ids,
+            config.max_tokens_per_micro_batch,
+            config.min_prefix_tokens,
+            tree=config.prefix_tree,
+        )
+        if config.router_aux_loss and any(g.parent is not None for g in plan.groups):
+            raise ValueError(
+                "PrefixReuseConfig.router_aux_loss counts prefix tokens per group; with nested prefixes "
+                "set prefix_tree=False (one prefix per group id)."
+            )
         counts = [len(plan.prefix_chunks), len(plan.micro_batches)]
     except ValueError as exc:  # every rank learns of it below: the others must not wait in a collective
         error, counts = exc, [0, 0]
@@ -206,7 +218,8 @@ def _start(model, input_ids, response_start, group_ids, config, runtime, readout
         raise error
     if failed:
         raise ValueError("another data-parallel rank's batch was refused by the schedule (its error says why).")
-    refs = {g: PrefixRef(*ref) for g, ref in plan.prefix_refs().items()}
+    spans = {g: PrefixRef(*ref) for g, ref in plan.prefix_refs().items()}
+    refs = {g: tuple(spans[a] for a in plan.path(g)) for g in spans}  # each group's path, top first
     return _Step(
         model,
         plan,
@@ -257,9 +270,10 @@ def _phase_b(step: _Step, loss_fn: LossFn, loss_entropy: bool, stats: ScheduleSt
 
 
 def _phase_c(step: _Step) -> None:
-    """Each prefix chunk backward once, seeded (inside the graph) with the accumulated gK/gV."""
-    for c in range(step.chunks):
-        with step.runtime.grad_sync(c == step.chunks - 1):
+    """Each prefix chunk backward once, seeded (inside the graph) with the accumulated gK/gV; last
+    chunk first: in a tree a chunk's backward adds to the gK/gV of the (earlier) chunks above it."""
+    for c in reversed(range(step.chunks)):
+        with step.runtime.grad_sync(c == 0):
             if step.config.prefix_activations == "recompute":
                 with _restored_rng(step.device, step.rng_states[c]), step.runtime.forward_context():
                     step.head_outputs[c] = _prefix_forward(step, c, store=False)
@@ -306,12 +320,13 @@ def _prefix_forward(step: _Step, chunk: int, store: bool) -> torch.Tensor:
     """
     groups = [] if step.is_padding_chunk(chunk) else [step.plan.groups[g] for g in step.plan.prefix_chunks[chunk]]
     blocks, offset = [], 0
-    for grp in groups:
-        blocks.append(Block(offset, offset + grp.prefix_len, (grp.prefix_len,)))
-        offset += grp.prefix_len
+    for grp in groups:  # a node reads its ancestors' spans (stored by earlier chunks)
+        above = step.refs[grp.parent] if grp.parent is not None else ()
+        blocks.append(Block(offset, offset + grp.span, (grp.span,), above))
+        offset += grp.span
     if groups:
-        ids = torch.cat([step.rows[grp.rows[0]][: grp.prefix_len] for grp in groups])
-        positions = torch.cat([torch.arange(grp.prefix_len, device=step.device) for grp in groups])
+        ids = torch.cat([step.rows[grp.rows[0]][grp.start : grp.prefix_len] for grp in groups])
+        positions = torch.cat([torch.arange(grp.start, grp.prefix_len, device=step.device) for grp in groups])
     else:
         blocks = [Block(0, 1, (1,))]
         ids = positions = torch.zeros(1, dtype=torch.long, device=step.device)
@@ -344,8 +359,7 @@ def _suffix_forward(
     for seg in segments:
         p = step.plan.groups[seg.group].prefix_len
         lengths = tuple(len(rows[r]) - p for r in seg.rows)
-        ref = step.refs.get(seg.group)
-        blocks.append(Block(offset, offset + sum(lengths), lengths, () if ref is None else (ref,)))
+        blocks.append(Block(offset, offset + sum(lengths), lengths, step.refs.get(seg.group, ())))
         for r, n in zip(seg.rows, lengths, strict=True):
             start = step.response_start[r]
             ids.append(rows[r][p:])
@@ -409,7 +423,9 @@ def _suffix_loss(
     if step.router is not None:
         # dense counts each prefix token once per row: weight a prefix by its rows here
         shared = [
-            (step.router.of_prefix(step.refs[seg.group]), len(seg.rows)) for seg in segments if seg.group in step.refs
+            (step.router.of_prefix(step.refs[seg.group][-1]), len(seg.rows))
+            for seg in segments
+            if seg.group in step.refs
         ]
         aux = load_balancing_loss(router_out[0], shared, step.router_spec)
         stats.router_aux_losses.append(aux.item())
@@ -550,8 +566,11 @@ def _new_stats(
     model: torch.nn.Module, plan: SchedulePlan, rows: Sequence[torch.Tensor], config: PrefixReuseConfig
 ) -> ScheduleStats:
     shared = [g for g in plan.groups if g.prefix_len > 0]
-    prefix_lens = [g.prefix_len for g in plan.groups]
-    suffix_lens = [[len(rows[r]) - g.prefix_len for r in g.rows] for g in plan.groups]
+    # (tokens a pass reads above it, tokens it computes): every shared span once, every suffix once
+    spans = [(g.start, g.span) for g in shared]
+    suffixes = [
+        (plan.groups[g].prefix_len, len(rows[r]) - plan.groups[g].prefix_len) for r, g in plan.row_groups().items()
+    ]
     try:
         flops = FlopModel.from_config(model.config)
     except AttributeError:  # unknown config layout: count tokens only
@@ -562,10 +581,10 @@ def _new_stats(
         dense_rows=len(plan.groups) - len(shared),
         micro_batches=len(plan.micro_batches),
         prefix_chunks=len(plan.prefix_chunks),
-        prefix_tokens=sum(g.prefix_len for g in shared),
-        suffix_tokens=sum(sum(s) for s in suffix_lens),
+        prefix_tokens=sum(n for _, n in spans),
+        suffix_tokens=sum(n for _, n in suffixes),
         dense_tokens=sum(len(r) for r in rows),
-        flop_bound=flops.training_ratio(prefix_lens, suffix_lens, recompute=config.prefix_activations == "recompute"),
+        flop_bound=flops.tree_training_ratio(spans, suffixes, recompute=config.prefix_activations == "recompute"),
     )
 
 
