@@ -5,7 +5,9 @@ diverge, a system prompt shared by several groups (nested sharing), rows shuffle
 not contiguous, groups split across micro-batches (small token budgets) and across dp ranks (the
 rows split over several schedule calls whose gradients add, as FSDP's reduction does).
 Training: SDPA with every prefix_activations mode, gradient checkpointing off / reentrant /
-non-reentrant; forward-only: SDPA and FlexAttention.
+non-reentrant; forward-only: SDPA and FlexAttention. One prefix per uid, or the prefix tree found
+from the tokens (system prompt, then each group's prompt, then diverging and ragged rows' own
+spans: up to four levels).
 
 Profiles: `ci` (default, 40 examples, derandomized) and `long` (500 examples):
 `HYPOTHESIS_PROFILE=long python -m pytest tests/test_fuzz.py`.
@@ -46,6 +48,7 @@ class Structure:
     mode: str
     checkpointing: str | None  # None, "reentrant" or "non_reentrant"
     attention: str  # the schedule's backend under test: "merged" or its reference "sdpa"
+    tree: bool  # PrefixReuseConfig.prefix_tree: nodes from the tokens across uids (system, prompt, ...)
     seed: int
 
 
@@ -74,6 +77,7 @@ def structures(draw) -> Structure:
         mode=draw(st.sampled_from(["keep", "offload", "recompute"])),
         checkpointing=draw(st.sampled_from([None, "reentrant", "non_reentrant"])),
         attention=draw(st.sampled_from(["merged", "sdpa"])),
+        tree=draw(st.booleans()),
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -131,6 +135,7 @@ def test_training_matches_dense(structure: Structure):
         max_tokens_per_micro_batch=budget_for(structure, batch),
         prefix_activations=structure.mode,
         attention=structure.attention,
+        prefix_tree=structure.tree,
     )
     seen: dict[int, torch.Tensor] = {}
     net.zero_grad(set_to_none=True)
@@ -186,7 +191,9 @@ def test_log_probs_match_dense(structure: Structure, attention: str):
     net = model(structure.kind)
     with torch.no_grad():
         ref_lps = dense_log_probs(net, batch)
-        config = PrefixReuseConfig(max_tokens_per_micro_batch=budget_for(structure, batch), attention=attention)
+        config = PrefixReuseConfig(
+            max_tokens_per_micro_batch=budget_for(structure, batch), attention=attention, prefix_tree=structure.tree
+        )
         lps = compute_log_probs(net, batch.input_ids, batch.response_start, batch.group_ids, config)
     tol = TOL if attention != "flex" else 1e-6  # flex on CPU computes in fp32 internally
     for i, (a, b) in enumerate(zip(lps, ref_lps, strict=True)):

@@ -152,3 +152,35 @@ def test_tree_schedule_matches_dense_fp64(mode, attention, checkpointing):
     # then question a (shared by a1 and a2), then each prompt's rows
     assert stats.groups >= 4 and stats.dense_rows == 1
     assert stats.prefix_tokens < sum(len(r) for r in batch.input_ids) - stats.suffix_tokens
+
+
+def test_a_node_longer_than_the_budget_is_a_chain_of_passes():
+    from test_equivalence import FP64_TOL, _assert_equivalent
+    from tiny_models import build
+
+    from verl_prefix.core import PrefixReuseConfig
+    from verl_prefix.core.plan import make_plan
+
+    batch = _tree_batch(seed=3)
+    budget = 13  # the row that shares nothing (13 tokens) runs whole in Phase B
+    plan = make_plan(batch.input_ids, batch.response_start, batch.group_ids, budget, 1, tree=True)
+    spans = [(g.start, g.prefix_len, g.parent) for g in plan.groups if g.prefix_len > 0]
+    assert spans[:2] == [(0, 13, None), (13, 14, 0)]  # the 14-token system prompt: two passes, chained
+    assert all(g.span <= budget for g in plan.groups if g.prefix_len > 0)
+    config = PrefixReuseConfig(max_tokens_per_micro_batch=budget, attention="merged", prefix_tree=True)
+    _assert_equivalent(build("llama"), batch, config, FP64_TOL)
+
+
+def test_flop_bound_counts_each_span_once_with_what_it_reads():
+    from verl_prefix.core.flops import FlopModel
+
+    flops = FlopModel(per_token=10.0, per_token_lm_head=3.0, per_pair=1.0)
+    # one level: the tree formula is the one-level formula
+    one_level = flops.training_ratio([12, 0], [[3, 5], [7]], recompute=True)
+    assert flops.tree_training_ratio([(0, 12)], [(12, 3), (12, 5), (0, 7)], recompute=True) == one_level
+    # a 10-token system span, a 4-token question span below it, two rows below that, one beside it
+    spans, suffixes = [(0, 10), (10, 4)], [(14, 3), (14, 2), (10, 5)]
+    dense = 3 * (sum(n * 13 + n * (n + 1) / 2 for n in (17, 16, 15)))
+    node = (10 * 10 + 55) + (4 * 10 + 4 * 10 + 10)  # the question span reads the system's 10 tokens
+    rows = sum(n * 13 + n * a + n * (n + 1) / 2 for a, n in suffixes)
+    assert flops.tree_training_ratio(spans, suffixes) == dense / (3 * (node + rows))

@@ -129,21 +129,32 @@ def pack_in_order(items: Sequence[tuple[int, int]], budget: int | None) -> list[
 
 
 def tree_groups(
-    input_ids: Sequence[torch.Tensor], response_start: Sequence[int], min_prefix_tokens: int
+    input_ids: Sequence[torch.Tensor],
+    response_start: Sequence[int],
+    min_prefix_tokens: int,
+    max_tokens: int | None,
 ) -> tuple[list[PrefixGroup], dict[int, int]]:
     """The prefix tree of the rows as groups (nodes first, parents before children, then one dense
     group per row that shares nothing) and each row's suffix group. Nodes end before each member's
-    last prompt token, as one-level prefixes do."""
+    last prompt token, as one-level prefixes do; a node longer than `max_tokens` becomes a chain of
+    nodes of at most that many tokens (each reads the ones before it)."""
     from .tree import build_prefix_tree
 
     tree = build_prefix_tree(input_ids, [s - 1 for s in response_start], min_prefix_tokens)
-    groups = [PrefixGroup(n.rows, n.end, n.start, n.parent) for n in tree.nodes]
+    groups: list[PrefixGroup] = []
+    last: dict[int, int] = {}  # tree node -> its (last) group
+    for k, node in enumerate(tree.nodes):  # parents first, so their groups exist
+        parent = None if node.parent is None else last[node.parent]
+        step = node.length if max_tokens is None else max_tokens
+        for start in range(node.start, node.end, step):
+            groups.append(PrefixGroup(node.rows, min(start + step, node.end), start, parent))
+            parent = len(groups) - 1
+        last[k] = parent
     row_group = {}
     for r, node in enumerate(tree.row_node):
         if node is None:
             groups.append(PrefixGroup((r,), 0))
-            node = len(groups) - 1
-        row_group[r] = node
+        row_group[r] = len(groups) - 1 if node is None else last[node]
     return groups, row_group
 
 
@@ -161,7 +172,7 @@ def make_plan(
     ids; Phase-A chunks then hold nodes of one depth, top level first."""
     lengths = [len(x) for x in input_ids]
     if tree:
-        groups, row_group = tree_groups(input_ids, response_start, min_prefix_tokens)
+        groups, row_group = tree_groups(input_ids, response_start, min_prefix_tokens, max_tokens_per_micro_batch)
         suffix_rows = sorted(range(len(input_ids)), key=lambda r: (row_group[r], r))
     else:
         groups = find_prefix_groups(input_ids, response_start, group_ids, min_prefix_tokens)
