@@ -222,3 +222,56 @@ def test_two_ranks_fsdp2_over_gloo(actor_dir, tmp_path):
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["groups_rank0"] == [2.0]
     assert result["max_rel_err"] <= GRAD_TOL
+
+
+def _system_prompt_batch(calculate_entropy: bool = False):
+    """Three uids whose prompts all open with one 24-token system prompt (only the questions differ),
+    4 + 3 + 1 rows, in verl's layout."""
+    gen = torch.Generator().manual_seed(7)
+
+    def tokens(n):
+        return torch.randint(0, vs.VOCAB - 3, (n,), generator=gen)
+
+    system = tokens(24)
+    prompts, responses, uids = [], [], []
+    for g, n_resp in enumerate([[3, 7, 2, 5], [4, 1, 6], [2]]):
+        prompt = torch.cat([system, tokens(5 + g)])
+        for n in n_resp:
+            prompts.append(prompt)
+            responses.append(tokens(n))
+            uids.append(f"uid-{g}")
+    extra = dict(
+        old_log_probs=[-torch.rand(len(r), generator=gen) - 4.5 for r in responses],
+        advantages=[torch.randn(len(r), generator=gen) for r in responses],
+    )
+    return vs.rows_tensordict(prompts, responses, uids, extra, calculate_entropy=calculate_entropy)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_prefix_tree_matches_stock(actor_dir, checkpointing):
+    """prefix_reuse.prefix_tree: the system prompt runs once for all three uids, each question once
+    per uid; the update and the log-probs equal the stock engine's."""
+    kwargs = dict(engine_kwargs(True), enable_gradient_checkpointing=checkpointing)
+    stock = vs.build_worker(actor_dir, reuse=False, **kwargs)
+    reuse = vs.build_worker(actor_dir, reuse=True, prefix_reuse={"prefix_tree": True}, **kwargs)
+    loss_fn = actor_loss(entropy_coeff=0.01)
+    ref_grads, ref_out = grads_of(stock, _system_prompt_batch(True), loss_fn)
+    grads, out = grads_of(reuse, _system_prompt_batch(True), loss_fn)
+    for name, ref in ref_grads.items():
+        assert rel_err(grads[name], ref) <= GRAD_TOL, (name, rel_err(grads[name], ref))
+    assert sum(out["loss"]) == pytest.approx(sum(ref_out["loss"]), rel=1e-5, abs=1e-7)
+    # the system prompt (24 tokens, all 8 rows), then uid-0's and uid-1's questions (cut before their
+    # last prompt token); uid-2's single row reads the system prompt only
+    assert out["metrics"]["prefix_reuse/groups"] == [3.0]
+    assert out["metrics"]["prefix_reuse/prefix_tokens"] == [24.0 + 4.0 + 5.0]
+
+    def infer(worker):
+        data = _system_prompt_batch(True)
+        tu.assign_non_tensor(data, compute_loss=False)
+        out = worker.infer_batch(data)
+        return tu.get(out, "log_probs"), tu.get(out, "entropy")
+
+    (ref_lp, ref_ent), (lp, ent) = infer(stock), infer(reuse)
+    for i, n in enumerate(_system_prompt_batch()["responses"].offsets().diff().tolist()):
+        assert rel_err(lp[i][-n - 1 : -1], ref_lp[i][-n - 1 : -1]) <= 1e-5, i
+        assert rel_err(ent[i][-n - 1 : -1], ref_ent[i][-n - 1 : -1]) <= 1e-5, i

@@ -24,7 +24,9 @@ class PrefixReuseSettings(BaseConfig):
     """`prefix_reuse.*` keys.
 
     enable: run update, log-prob and value passes through the shared-prefix schedule.
-    attention / prefix_activations / min_prefix_tokens: as in `verl_prefix.core.PrefixReuseConfig`.
+    attention / prefix_activations / min_prefix_tokens / prefix_tree: as in
+        `verl_prefix.core.PrefixReuseConfig` (prefix_tree: share every span several rows hold,
+        found from the tokens across uids, e.g. a system prompt common to all groups).
     verify_every: every k-th update also computes the dense gradient of the same mini-batch (no
         optimizer step from it) and reports `prefix_reuse/verify_max_grad_rel_diff` and
         `prefix_reuse/verify_speedup`; 0 = never.
@@ -42,6 +44,7 @@ class PrefixReuseSettings(BaseConfig):
     attention: str = "auto"
     prefix_activations: str = "keep"
     min_prefix_tokens: int = 1
+    prefix_tree: bool = False
     verify_every: int = 0
     router_aux_loss: bool = False
     router_aux_loss_coef: float | None = None
@@ -55,6 +58,7 @@ class PrefixReuseSettings(BaseConfig):
             attention=self.attention,
             prefix_activations=self.prefix_activations,
             min_prefix_tokens=self.min_prefix_tokens,
+            prefix_tree=self.prefix_tree,
             router_aux_loss=self.router_aux_loss,
             router_aux_loss_coef=self.router_aux_loss_coef,
         )
@@ -82,7 +86,14 @@ def check_settings(values: Mapping, path: str, strategy: str | None = None, stra
         )
 
 
-_CORE_FIELDS = ("attention", "prefix_activations", "min_prefix_tokens", "router_aux_loss", "router_aux_loss_coef")
+_CORE_FIELDS = (
+    "attention",
+    "prefix_activations",
+    "min_prefix_tokens",
+    "prefix_tree",
+    "router_aux_loss",
+    "router_aux_loss_coef",
+)
 
 
 def as_settings(value, path: str = "prefix_reuse") -> PrefixReuseSettings:
