@@ -60,6 +60,16 @@ def test_engine_peer_is_verl_stock_engine_on_the_same_mini_batch(forward_only):
     assert res.engine.flop_bound == res.flop_bound
 
 
+def test_tree_workload_shares_the_system_prompt_once():
+    """--system-len: every group's prompt starts with it; --prefix-tree true runs it once per batch,
+    which the FLOP bound credits (a larger bound than one prefix per group) and the gradient
+    still equals dense."""
+    one_level = run_bench(BenchConfig(**SMALL, repeats=1, max_tokens_per_micro_batch=64, system_len=32))
+    tree = run_bench(BenchConfig(**SMALL, repeats=1, max_tokens_per_micro_batch=64, system_len=32, prefix_tree=True))
+    assert one_level.max_grad_rel_diff < 1e-4 and tree.max_grad_rel_diff < 1e-4  # fp32
+    assert tree.flop_bound > one_level.flop_bound > 1.5
+
+
 def test_sequence_parallel_point_runs_both_sides_on_the_group():
     """--sequence-parallel 2: two gloo ranks, verl's collectives; reuse and dense (nothing shared) at
     sp=2 agree with each other (group-mean gradients, fp32)."""

@@ -48,7 +48,8 @@ class BenchConfig:
     hidden_size: int = opt(256, "tiny only: hidden size")
     num_layers: int = opt(0, "decoder layers; 0 = the model's own depth (tiny: 4). Fewer keep ratios, cut memory")
     vocab_size: int = opt(8192, "tiny only: vocabulary size")
-    prefix_len: int = opt(512, "shared prompt tokens per group (the prompt is prefix_len + 1 tokens)")
+    system_len: int = opt(0, "tokens of a system prompt that every group's prompt starts with (0: none)")
+    prefix_len: int = opt(512, "shared prompt tokens per group after it (the prompt is system + prefix_len + 1)")
     suffix_len: int = opt(64, "tokens per row after the prefix (last prompt token + response)")
     group_size: int = opt(8, "rows per group (GRPO's G)")
     groups: int = opt(2, "groups in the batch")
@@ -56,6 +57,7 @@ class BenchConfig:
     dense_logits: str = opt("all", "dense baseline's lm_head: at all positions (as verl) or response only", LOGITS)
     attention: str = opt("auto", "the schedule's attention backend", ATTENTION_BACKENDS)
     prefix_activations: str = opt("keep", "dormant prefix activations during Phase B", PREFIX_ACTIVATION_MODES)
+    prefix_tree: bool = opt(False, "the schedule's prefix_tree: the system prompt once per batch, not once per group")
     forward_only: bool = opt(False, "time log-prob passes (no_grad) instead of training steps")
     engine: bool = opt(
         False,
@@ -75,12 +77,23 @@ class BenchConfig:
     memory_budget_gb: float = opt(0.0, "capacity budget above idle memory; 0 = dense's need for one group")
     max_capacity_rows: int = opt(256, "the capacity search stops here")
 
+    def schedule_config(self, max_tokens_per_micro_batch: int | None) -> PrefixReuseConfig:
+        """The schedule's settings of this point."""
+        return PrefixReuseConfig(
+            max_tokens_per_micro_batch=max_tokens_per_micro_batch,
+            attention=self.attention,  # type: ignore[arg-type]
+            prefix_activations=self.prefix_activations,  # type: ignore[arg-type]
+            prefix_tree=self.prefix_tree,
+        )
+
     def check(self) -> None:
         """Raise ValueError naming the flag and the fix before any point runs."""
         if self.dense_logits not in ("all", "response"):
             raise ValueError(f"--dense-logits={self.dense_logits!r}: use 'all' (as verl computes) or 'response'.")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype={self.dtype!r}: use one of {', '.join(DTYPES)}.")
+        if self.system_len < 0:
+            raise ValueError(f"--system-len={self.system_len} must be >= 0.")
         for name in ("prefix_len", "suffix_len", "group_size", "groups", "repeats", "max_tokens_per_micro_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 1.")
@@ -103,11 +116,7 @@ class BenchConfig:
             check_engine_bench(self)
         check_sp_bench(self)
         try:  # the schedule's own checks, with its messages
-            PrefixReuseConfig(
-                max_tokens_per_micro_batch=self.max_tokens_per_micro_batch,
-                attention=self.attention,  # type: ignore[arg-type]
-                prefix_activations=self.prefix_activations,  # type: ignore[arg-type]
-            ).validate()
+            self.schedule_config(self.max_tokens_per_micro_batch).validate()
             check_backend(self.attention, torch.device(self.device), needs_grad=True)
         except ValueError as e:
             point = (
@@ -200,12 +209,14 @@ def build_model(cfg: BenchConfig, min_positions: int = 0) -> torch.nn.Module:
 def synthetic_groups(
     cfg: BenchConfig, vocab_size: int, groups: int | None = None
 ) -> tuple[list[torch.Tensor], list[int], list[str], list[torch.Tensor]]:
-    """GRPO-shaped batch: `groups` prompts of prefix_len + 1 tokens, `group_size` responses each."""
+    """GRPO-shaped batch: `groups` prompts of system_len + prefix_len + 1 tokens (the system prompt the
+    same in all), `group_size` responses each."""
     gen = torch.Generator().manual_seed(cfg.seed)
+    system = torch.randint(0, vocab_size, (cfg.system_len,), generator=gen)
     response_len = cfg.suffix_len - 1
     rows, starts, uids, advantages = [], [], [], []
     for g in range(cfg.groups if groups is None else groups):
-        prompt = torch.randint(0, vocab_size, (cfg.prefix_len + 1,), generator=gen)
+        prompt = torch.cat([system, torch.randint(0, vocab_size, (cfg.prefix_len + 1,), generator=gen)])
         for _ in range(cfg.group_size):
             rows.append(torch.cat([prompt, torch.randint(0, vocab_size, (response_len,), generator=gen)]))
             starts.append(len(prompt))
@@ -238,12 +249,16 @@ def timed(fn: Callable[[], T], device: torch.device) -> tuple[float, T]:
 def batch_flop_bound(cfg: BenchConfig, model_config, dense_lm_head_all: bool) -> float:
     """The FLOP bound of the bench's batch: training, or forward-only with `cfg.forward_only`."""
     flops = FlopModel.from_config(model_config)
-    prefixes, suffixes = [cfg.prefix_len] * cfg.groups, [[cfg.suffix_len] * cfg.group_size] * cfg.groups
+    shared = cfg.system_len + cfg.prefix_len
+    if cfg.prefix_tree and cfg.system_len:  # the system prompt once, each group's question once below it
+        spans = [(0, cfg.system_len)] + [(cfg.system_len, cfg.prefix_len)] * cfg.groups
+    else:
+        spans = [(0, shared)] * cfg.groups
+    suffixes = [(shared, cfg.suffix_len)] * (cfg.groups * cfg.group_size)
     if cfg.forward_only:
-        return flops.forward_ratio(prefixes, suffixes)
-    return flops.training_ratio(
-        prefixes, suffixes, recompute=cfg.prefix_activations == "recompute", dense_lm_head_all=dense_lm_head_all
-    )
+        return flops.tree_forward_ratio(spans, suffixes)
+    recompute = cfg.prefix_activations == "recompute"
+    return flops.tree_training_ratio(spans, suffixes, recompute=recompute, dense_lm_head_all=dense_lm_head_all)
 
 
 def max_rel_diff(ours: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) -> float:
@@ -260,17 +275,13 @@ def _grads(model: torch.nn.Module) -> list[torch.Tensor]:
 def run_bench(cfg: BenchConfig, progress=None, model: torch.nn.Module | None = None) -> BenchResult:
     """Measure one point; `model` (built by `build_model`) may be shared across points of a sweep."""
     device = torch.device(cfg.device)
-    model = model if model is not None else build_model(cfg, cfg.prefix_len + cfg.suffix_len)
+    model = model if model is not None else build_model(cfg, cfg.system_len + cfg.prefix_len + cfg.suffix_len)
     vocab = model.config.vocab_size
     rows, starts, uids, advantages = synthetic_groups(cfg, vocab)
     rows = [r.to(device) for r in rows]
     advantages = [a.to(device) for a in advantages]
     loss_fn = policy_loss(advantages, sum(len(a) for a in advantages))
-    config = PrefixReuseConfig(
-        max_tokens_per_micro_batch=cfg.max_tokens_per_micro_batch,
-        attention=cfg.attention,
-        prefix_activations=cfg.prefix_activations,
-    )
+    config = cfg.schedule_config(cfg.max_tokens_per_micro_batch)
     dense_peak: dict[str, int | None] = {}
     stats_holder = {}
 
@@ -373,9 +384,7 @@ def _one_step(cfg: BenchConfig, model, rows, starts, uids, loss_fn, reuse: bool)
     """One training step over all rows in one micro-batch (reuse: one prefix chunk, one suffix
     batch); returns the schedule's per-phase peaks (none for dense)."""
     if reuse:
-        config = PrefixReuseConfig(
-            max_tokens_per_micro_batch=None, attention=cfg.attention, prefix_activations=cfg.prefix_activations
-        )
+        config = cfg.schedule_config(None)
         return dict(forward_backward(model, rows, starts, uids, loss_fn, config).peak_memory_bytes)
     dense_forward_backward(model, rows, starts, loss_fn, None, logits=cfg.dense_logits)
     return {}
@@ -408,7 +417,7 @@ def measure_capacity(cfg: BenchConfig, model: torch.nn.Module) -> Capacity | Non
     reuse_rows, reuse_capped = _most_rows(
         lambda n: (step_memory(cfg, model, n, reuse=True) or 0) <= budget, cfg.max_capacity_rows
     )
-    row_tokens = cfg.prefix_len + 1 + cfg.suffix_len - 1
+    row_tokens = cfg.system_len + cfg.prefix_len + 1 + cfg.suffix_len - 1
     return Capacity(
         budget_bytes=budget,
         dense_rows=dense_rows,
@@ -450,9 +459,10 @@ def format_result(res: BenchResult) -> str:
     what = "log-prob pass" if c.forward_only else "step"
     lines = [
         f"model      {model}, {c.dtype} on {c.device}",
-        f"batch      {c.groups} groups x G={c.group_size}, prefix P={c.prefix_len}, suffix S={c.suffix_len}, "
+        f"batch      {c.groups} groups x G={c.group_size}, system {c.system_len}, prefix P={c.prefix_len}, "
+        f"suffix S={c.suffix_len}, "
         f"budget {c.max_tokens_per_micro_batch} tokens/micro-batch",
-        f"reuse      attention={c.attention} prefix_activations={c.prefix_activations}; "
+        f"reuse      attention={c.attention} prefix_activations={c.prefix_activations} prefix_tree={c.prefix_tree}; "
         f"dense logits at {c.dense_logits} positions",
         f"{'lp diff' if c.forward_only else 'grad diff'}  max relative |reuse - dense| = {res.max_grad_rel_diff:.2e}",
         f"dense      {res.dense_seconds * 1e3:9.1f} ms / {what} (median of {c.repeats}; {_spread(res.dense_times)})",

@@ -83,7 +83,11 @@ def run_engine_bench(cfg: BenchConfig, model: torch.nn.Module) -> EngineBenchRes
         model_dtype="fp32",  # fp32 master weights, compute in --dtype: verl's mixed precision
         mixed_precision={"param_dtype": precision, "reduce_dtype": "fp32", "buffer_dtype": "fp32"},
     )
-    settings = {"attention": cfg.attention, "prefix_activations": cfg.prefix_activations}
+    settings = {
+        "attention": cfg.attention,
+        "prefix_activations": cfg.prefix_activations,
+        "prefix_tree": cfg.prefix_tree,
+    }
     loss_fn = ppo_loss_fn()
     with tempfile.TemporaryDirectory(prefix="verl-prefix-bench-") as model_dir:
         model.save_pretrained(model_dir)

@@ -77,7 +77,7 @@ def _rank(rank: int, cfg: BenchConfig, port: int, out: str) -> None:
     from .backend.harness import init_process_group
     from .backend.ulysses import sequence_parallel
     from .bench import batch_flop_bound, build_model, max_rel_diff, policy_loss, synthetic_groups, timed
-    from .core import PrefixReuseConfig, ScheduleRuntime, compute_log_probs, forward_backward
+    from .core import ScheduleRuntime, compute_log_probs, forward_backward
 
     size = cfg.sequence_parallel
     cuda = cfg.device.startswith("cuda")
@@ -89,15 +89,13 @@ def _rank(rank: int, cfg: BenchConfig, port: int, out: str) -> None:
     group = torch.distributed.group.WORLD
     runtime = ScheduleRuntime(sequence_parallel=sequence_parallel(group))
     device = torch.device(f"cuda:{rank}" if cuda else "cpu")
-    model = build_model(cfg, cfg.prefix_len + cfg.suffix_len).to(device)  # same seed: same weights everywhere
+    model = build_model(cfg, cfg.system_len + cfg.prefix_len + cfg.suffix_len).to(
+        device
+    )  # same seed: same weights everywhere
     rows, starts, uids, advantages = synthetic_groups(cfg, model.config.vocab_size)
     rows, advantages = [r.to(device) for r in rows], [a.to(device) for a in advantages]
     loss_fn = policy_loss(advantages, sum(len(a) for a in advantages))
-    config = PrefixReuseConfig(
-        max_tokens_per_micro_batch=cfg.max_tokens_per_micro_batch,
-        attention=cfg.attention,
-        prefix_activations=cfg.prefix_activations,
-    )
+    config = cfg.schedule_config(cfg.max_tokens_per_micro_batch)
     groups = {"dense": [f"row-{i}" for i in range(len(rows))], "reuse": uids}
 
     def step(side: str):

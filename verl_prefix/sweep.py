@@ -16,7 +16,7 @@ import transformers
 
 from .bench import BenchConfig, BenchResult, build_model, run_bench
 
-SWEEP_FIELDS = ("prefix_len", "suffix_len", "group_size", "attention", "prefix_activations")
+SWEEP_FIELDS = ("prefix_len", "suffix_len", "group_size", "attention", "prefix_activations", "prefix_tree")
 JSON_SCHEMA_ID = "verl-prefix/bench/1"
 
 _POINT = {
@@ -126,7 +126,8 @@ def run_sweep(configs: Sequence[BenchConfig], progress: bool = True) -> list[Ben
     results = []
     for cfg in configs:
         if bar is not None:
-            bar.set_postfix_str(f"P={cfg.prefix_len} S={cfg.suffix_len} G={cfg.group_size} {cfg.attention}")
+            tree = " tree" if cfg.prefix_tree else ""
+            bar.set_postfix_str(f"P={cfg.prefix_len} S={cfg.suffix_len} G={cfg.group_size} {cfg.attention}{tree}")
         results.append(run_bench(cfg, model=model))
         if bar is not None:
             bar.update()
@@ -175,7 +176,7 @@ def _ms(median: float, times: Sequence[float]) -> str:
 def format_table(results: Sequence[BenchResult]) -> str:
     """One line per point: the figures docs/benchmarks.md records."""
     head = (
-        "| P | S | G | attention | activations | dense ms | reuse ms | speedup | bound | eff. "
+        "| system | P | S | G | tree | attention | activations | dense ms | reuse ms | speedup | bound | eff. "
         "| grad diff | dense MiB | A / B / C MiB | B saving | capacity | verl stock ms | verl reuse ms | engines |"
     )
     # ms columns: median (min-max of the repeats); a trailing * marks a noisy point
@@ -192,7 +193,8 @@ def format_table(results: Sequence[BenchResult]) -> str:
             else "- | - | -"
         )
         lines.append(
-            f"| {c.prefix_len} | {c.suffix_len} | {c.group_size} | {c.attention} | {c.prefix_activations} "
+            f"| {c.system_len} | {c.prefix_len} | {c.suffix_len} | {c.group_size} | {c.prefix_tree} "
+            f"| {c.attention} | {c.prefix_activations} "
             f"| {_ms(r.dense_seconds, r.dense_times)} | {_ms(r.reuse_seconds, r.reuse_times)} "
             f"| {r.speedup:.2f}x{'*' if r.noisy else ''} | {r.flop_bound:.2f}x "
             f"| {r.efficiency:.2f} | {r.max_grad_rel_diff:.1e} | {_mib(r.dense_peak_memory_bytes)} "

@@ -71,13 +71,27 @@ class FlopModel:
         )
         return dense / reuse if reuse else 1.0
 
+    def tree_forward_ratio(self, spans: Sequence[tuple[int, int]], suffixes: Sequence[tuple[int, int]]) -> float:
+        """Dense/reuse forward-only FLOPs of a prefix tree (as `tree_training_ratio`; dense runs the
+        lm_head at every position, as verl's engines do)."""
+        dense = self.dense_forward([a + n for a, n in suffixes])
+        reuse = sum(self.prefix_forward(n, above=a) for a, n in spans) + sum(
+            self.suffix_forward(a, n) for a, n in suffixes
+        )
+        return dense / reuse if reuse else 1.0
+
     def tree_training_ratio(
-        self, spans: Sequence[tuple[int, int]], suffixes: Sequence[tuple[int, int]], recompute: bool = False
+        self,
+        spans: Sequence[tuple[int, int]],
+        suffixes: Sequence[tuple[int, int]],
+        recompute: bool = False,
+        dense_lm_head_all: bool = True,
     ) -> float:
         """Dense/reuse training FLOPs of a prefix tree: `spans` and `suffixes` are (tokens read above,
         tokens computed) per shared span and per row's suffix; a row's dense length is their sum.
         With one level (spans read nothing above) it equals `training_ratio`."""
-        dense = 3 * self.dense_forward([a + n for a, n in suffixes])
+        head = None if dense_lm_head_all else sum(n for _, n in suffixes)
+        dense = 3 * self.dense_forward([a + n for a, n in suffixes], head)
         prefixes = sum(self.prefix_forward(n, above=a) for a, n in spans)
         reuse = 3 * (prefixes + sum(self.suffix_forward(a, n) for a, n in suffixes))
         if recompute:
