@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .tree import build_prefix_tree, path_to
+
 
 @dataclass(frozen=True)
 class PrefixGroup:
@@ -58,11 +60,7 @@ class SchedulePlan:
 
     def path(self, g: int | None) -> list[int]:
         """Groups from the top of the tree down to `g` (empty for None)."""
-        out = []
-        while g is not None:
-            out.append(g)
-            g = self.groups[g].parent
-        return out[::-1]
+        return path_to(g, lambda k: self.groups[k].parent)
 
     def row_groups(self) -> dict[int, int]:
         """Row -> the group its suffix reads (its deepest node, or its own dense group)."""
@@ -138,8 +136,6 @@ def tree_groups(
     group per row that shares nothing) and each row's suffix group. Nodes end before each member's
     last prompt token, as one-level prefixes do; a node longer than `max_tokens` becomes a chain of
     nodes of at most that many tokens (each reads the ones before it)."""
-    from .tree import build_prefix_tree
-
     tree = build_prefix_tree(input_ids, [s - 1 for s in response_start], min_prefix_tokens)
     groups: list[PrefixGroup] = []
     last: dict[int, int] = {}  # tree node -> its (last) group

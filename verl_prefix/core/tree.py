@@ -13,7 +13,7 @@ one scan per tree level. Pure bookkeeping, no model.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,19 +42,21 @@ class PrefixTree:
 
     def path(self, node: int | None) -> list[int]:
         """Node indices from the top down to `node` (empty for None)."""
-        out = []
-        while node is not None:
-            out.append(node)
-            node = self.nodes[node].parent
-        return out[::-1]
-
-    def depth(self, node: int) -> int:
-        return len(self.path(node))
+        return path_to(node, lambda k: self.nodes[k].parent)
 
     def shared_len(self, row: int) -> int:
         """Tokens of `row` computed in its nodes (its own part starts here)."""
         node = self.row_node[row]
         return 0 if node is None else self.nodes[node].end
+
+
+def path_to(node: int | None, parent_of: Callable[[int], int | None]) -> list[int]:
+    """Indices from the top of a tree down to `node` (empty for None), following `parent_of`."""
+    out = []
+    while node is not None:
+        out.append(node)
+        node = parent_of(node)
+    return out[::-1]
 
 
 def _lcp(a: torch.Tensor, b: torch.Tensor) -> int:
