@@ -175,12 +175,18 @@ def test_flop_bound_counts_each_span_once_with_what_it_reads():
     from verl_prefix.core.flops import FlopModel
 
     flops = FlopModel(per_token=10.0, per_token_lm_head=3.0, per_pair=1.0)
-    # one level: the tree formula is the one-level formula
-    one_level = flops.training_ratio([12, 0], [[3, 5], [7]], recompute=True)
-    assert flops.tree_training_ratio([(0, 12)], [(12, 3), (12, 5), (0, 7)], recompute=True) == one_level
+
+    def dense(*lengths):  # 3 forwards of rows with an lm_head at every position
+        return 3 * sum(n * 13 + n * (n + 1) / 2 for n in lengths)
+
+    # one level, recomputed: a 12-token prefix over suffixes of 3 and 5, a row of 7 sharing nothing
+    prefix = 12 * 10 + 78
+    rows = (3 * 13 + 3 * 12 + 6) + (5 * 13 + 5 * 12 + 15) + (7 * 13 + 28)
+    want = dense(15, 17, 7) / (3 * (prefix + rows) + prefix)
+    assert flops.tree_training_ratio([(0, 12)], [(12, 3), (12, 5), (0, 7)], recompute=True) == pytest.approx(want)
+    assert flops.training_ratio([12, 0], [[3, 5], [7]], recompute=True) == pytest.approx(want)
     # a 10-token system span, a 4-token question span below it, two rows below that, one beside it
     spans, suffixes = [(0, 10), (10, 4)], [(14, 3), (14, 2), (10, 5)]
-    dense = 3 * (sum(n * 13 + n * (n + 1) / 2 for n in (17, 16, 15)))
     node = (10 * 10 + 55) + (4 * 10 + 4 * 10 + 10)  # the question span reads the system's 10 tokens
     rows = sum(n * 13 + n * a + n * (n + 1) / 2 for a, n in suffixes)
-    assert flops.tree_training_ratio(spans, suffixes) == dense / (3 * (node + rows))
+    assert flops.tree_training_ratio(spans, suffixes) == pytest.approx(dense(17, 16, 15) / (3 * (node + rows)))

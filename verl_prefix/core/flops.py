@@ -61,23 +61,12 @@ class FlopModel:
         pairs = suffix_len * prefix_len + suffix_len * (suffix_len + 1) / 2
         return suffix_len * (self.per_token + self.per_token_lm_head) + pairs * self.per_pair
 
-    def forward_ratio(self, prefix_lens: Sequence[int], suffix_lens: Sequence[Sequence[int]]) -> float:
-        """Dense/reuse forward-only FLOPs (log-probs): dense runs the lm_head at every position,
-        as verl's engines do; reuse over suffix tokens only."""
-        dense = sum(self.dense_forward([p + s for s in ss]) for p, ss in zip(prefix_lens, suffix_lens, strict=True))
-        reuse = sum(
-            self.prefix_forward(p) + sum(self.suffix_forward(p, s) for s in ss)
-            for p, ss in zip(prefix_lens, suffix_lens, strict=True)
-        )
-        return dense / reuse if reuse else 1.0
-
     def tree_forward_ratio(self, spans: Sequence[tuple[int, int]], suffixes: Sequence[tuple[int, int]]) -> float:
-        """Dense/reuse forward-only FLOPs of a prefix tree (as `tree_training_ratio`; dense runs the
-        lm_head at every position, as verl's engines do)."""
+        """Dense/reuse forward-only FLOPs (log-probs) of the batch described as in
+        `tree_training_ratio`: dense runs the lm_head at every position, as verl's engines do; reuse
+        over suffix tokens only."""
         dense = self.dense_forward([a + n for a, n in suffixes])
-        reuse = sum(self.prefix_forward(n, above=a) for a, n in spans) + sum(
-            self.suffix_forward(a, n) for a, n in suffixes
-        )
+        reuse = self._spans_forward(spans) + self._suffixes_forward(suffixes)
         return dense / reuse if reuse else 1.0
 
     def tree_training_ratio(
@@ -85,17 +74,23 @@ class FlopModel:
         spans: Sequence[tuple[int, int]],
         suffixes: Sequence[tuple[int, int]],
         recompute: bool = False,
+        prefix_lm_head: bool = False,
         dense_lm_head_all: bool = True,
     ) -> float:
-        """Dense/reuse training FLOPs of a prefix tree: `spans` and `suffixes` are (tokens read above,
-        tokens computed) per shared span and per row's suffix; a row's dense length is their sum.
-        With one level (spans read nothing above) it equals `training_ratio`."""
+        """Dense/reuse training FLOPs: `spans` and `suffixes` are (tokens read above, tokens computed)
+        per shared span (each computed once) and per row's suffix; a row's dense length is its
+        suffix's sum. One prefix per group: spans that read nothing above (`training_ratio`).
+
+        `recompute` adds one more forward of every span (Phase C's). `prefix_lm_head=True` charges
+        the spans an lm_head too (the conservative figures quoted in docs/design.md); the schedule
+        itself skips it. `dense_lm_head_all=False` charges the dense side an lm_head over the suffix
+        positions only (a dense baseline that computes just the logits it reads).
+        """
         head = None if dense_lm_head_all else sum(n for _, n in suffixes)
         dense = 3 * self.dense_forward([a + n for a, n in suffixes], head)
-        prefixes = sum(self.prefix_forward(n, above=a) for a, n in spans)
-        reuse = 3 * (prefixes + sum(self.suffix_forward(a, n) for a, n in suffixes))
+        reuse = 3 * (self._spans_forward(spans, prefix_lm_head) + self._suffixes_forward(suffixes))
         if recompute:
-            reuse += prefixes
+            reuse += self._spans_forward(spans)
         return dense / reuse if reuse else 1.0
 
     def training_ratio(
@@ -106,18 +101,14 @@ class FlopModel:
         prefix_lm_head: bool = False,
         dense_lm_head_all: bool = True,
     ) -> float:
-        """Dense/reuse training FLOPs; group i has prefix prefix_lens[i] and suffixes suffix_lens[i].
+        """`tree_training_ratio` of one prefix per group: group i has prefix prefix_lens[i] (0: rows
+        that share nothing) and suffixes suffix_lens[i]."""
+        spans = [(0, p) for p in prefix_lens if p > 0]
+        suffixes = [(p, s) for p, ss in zip(prefix_lens, suffix_lens, strict=True) for s in ss]
+        return self.tree_training_ratio(spans, suffixes, recompute, prefix_lm_head, dense_lm_head_all)
 
-        `prefix_lm_head=True` charges the reuse side an lm_head over prefix tokens too (the
-        conservative figures quoted in docs/design.md); the schedule itself skips it.
-        `dense_lm_head_all=False` charges the dense side an lm_head over the suffix positions only
-        (a dense baseline that computes just the logits it reads).
-        """
-        dense = reuse = 0.0
-        for p, suffixes in zip(prefix_lens, suffix_lens, strict=True):
-            head = None if dense_lm_head_all else sum(suffixes)
-            dense += 3 * self.dense_forward([p + s for s in suffixes], head)
-            reuse += 3 * (self.prefix_forward(p, prefix_lm_head) + sum(self.suffix_forward(p, s) for s in suffixes))
-            if recompute:
-                reuse += self.prefix_forward(p)
-        return dense / reuse if reuse else 1.0
+    def _spans_forward(self, spans: Sequence[tuple[int, int]], lm_head: bool = False) -> float:
+        return sum(self.prefix_forward(n, lm_head, above=a) for a, n in spans)
+
+    def _suffixes_forward(self, suffixes: Sequence[tuple[int, int]]) -> float:
+        return sum(self.suffix_forward(a, n) for a, n in suffixes)
