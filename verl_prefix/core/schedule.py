@@ -206,13 +206,13 @@ def _start(model, input_ids, response_start, group_ids, config, runtime, readout
     except ValueError as exc:  # every rank learns of it below: the others must not wait in a collective
         error, counts = exc, [0, 0]
     sp = runtime.sequence_parallel
-    signature = [error is not None, *_rows_signature(input_ids, response_start, group_ids)]
-    if sp is not None and not sp.same_on_all_ranks(signature, device):
-        # the group's passes are one computation: different rows would mismatch every all-to-all
-        error = error or ValueError(
-            "the ranks of a sequence-parallel group hold different rows; every rank of the group must "
-            "get the same mini-batch (verl dispatches by data-parallel rank)."
-        )
+    if sp is not None:  # the group's passes are one computation: different rows would mismatch every all-to-all
+        signature = [error is not None, *_rows_signature(input_ids, response_start, group_ids)]
+        if not sp.same_on_all_ranks(signature, device):
+            error = error or ValueError(
+                "the ranks of a sequence-parallel group hold different rows; every rank of the group must "
+                "get the same mini-batch (verl dispatches by data-parallel rank)."
+            )
     chunks, micro_batches, failed = runtime.agreed_counts([*counts, error is not None], device)
     if error is not None:
         raise error
