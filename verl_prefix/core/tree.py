@@ -44,11 +44,6 @@ class PrefixTree:
         """Node indices from the top down to `node` (empty for None)."""
         return path_to(node, lambda k: self.nodes[k].parent)
 
-    def shared_len(self, row: int) -> int:
-        """Tokens of `row` computed in its nodes (its own part starts here)."""
-        node = self.row_node[row]
-        return 0 if node is None else self.nodes[node].end
-
 
 def path_to(node: int | None, parent_of: Callable[[int], int | None]) -> list[int]:
     """Indices from the top of a tree down to `node` (empty for None), following `parent_of`."""
@@ -59,10 +54,17 @@ def path_to(node: int | None, parent_of: Callable[[int], int | None]) -> list[in
     return out[::-1]
 
 
-def _lcp(a: torch.Tensor, b: torch.Tensor) -> int:
-    n = min(len(a), len(b))
-    mismatch = (a[:n] != b[:n]).nonzero()
-    return int(mismatch[0, 0]) if len(mismatch) else n
+def common_prefix_len(rows: Sequence[torch.Tensor]) -> int:
+    """Length of the longest common token prefix of 1-D tensors."""
+    first = rows[0]
+    lcp = len(first)
+    for other in rows[1:]:
+        n = min(lcp, len(other))
+        mismatch = (first[:n] != other[:n]).nonzero()
+        lcp = int(mismatch[0, 0]) if len(mismatch) else n
+        if lcp == 0:
+            break
+    return lcp
 
 
 def build_prefix_tree(input_ids: Sequence[torch.Tensor], limit: Sequence[int], min_node_tokens: int = 1) -> PrefixTree:
@@ -78,7 +80,7 @@ def build_prefix_tree(input_ids: Sequence[torch.Tensor], limit: Sequence[int], m
     # shared[i]: tokens rows order[i - 1] and order[i] can share
     shared = [0] * n
     for i in range(1, n):
-        shared[i] = _lcp(shareable[order[i - 1]], shareable[order[i]])
+        shared[i] = common_prefix_len([shareable[order[i - 1]], shareable[order[i]]])
     nodes: list[TreeNode] = []
     row_node: list[int | None] = [None] * n
     # (lo, hi, start, depth, parent): rows order[lo:hi] share `depth` tokens; `parent` (their deepest
