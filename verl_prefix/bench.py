@@ -77,6 +77,11 @@ class BenchConfig:
     memory_budget_gb: float = opt(0.0, "capacity budget above idle memory; 0 = dense's need for one group")
     max_capacity_rows: int = opt(256, "the capacity search stops here")
 
+    @property
+    def row_len(self) -> int:
+        """Tokens of every row: system prompt, prefix, last prompt token and response."""
+        return self.system_len + self.prefix_len + self.suffix_len
+
     def schedule_config(self, max_tokens_per_micro_batch: int | None) -> PrefixReuseConfig:
         """The schedule's settings of this point."""
         return PrefixReuseConfig(
@@ -275,7 +280,7 @@ def _grads(model: torch.nn.Module) -> list[torch.Tensor]:
 def run_bench(cfg: BenchConfig, progress=None, model: torch.nn.Module | None = None) -> BenchResult:
     """Measure one point; `model` (built by `build_model`) may be shared across points of a sweep."""
     device = torch.device(cfg.device)
-    model = model if model is not None else build_model(cfg, cfg.system_len + cfg.prefix_len + cfg.suffix_len)
+    model = model if model is not None else build_model(cfg, cfg.row_len)
     vocab = model.config.vocab_size
     rows, starts, uids, advantages = synthetic_groups(cfg, vocab)
     rows = [r.to(device) for r in rows]
@@ -417,7 +422,7 @@ def measure_capacity(cfg: BenchConfig, model: torch.nn.Module) -> Capacity | Non
     reuse_rows, reuse_capped = _most_rows(
         lambda n: (step_memory(cfg, model, n, reuse=True) or 0) <= budget, cfg.max_capacity_rows
     )
-    row_tokens = cfg.system_len + cfg.prefix_len + 1 + cfg.suffix_len - 1
+    row_tokens = cfg.row_len
     return Capacity(
         budget_bytes=budget,
         dense_rows=dense_rows,

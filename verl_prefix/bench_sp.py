@@ -89,9 +89,7 @@ def _rank(rank: int, cfg: BenchConfig, port: int, out: str) -> None:
     group = torch.distributed.group.WORLD
     runtime = ScheduleRuntime(sequence_parallel=sequence_parallel(group))
     device = torch.device(f"cuda:{rank}" if cuda else "cpu")
-    model = build_model(cfg, cfg.system_len + cfg.prefix_len + cfg.suffix_len).to(
-        device
-    )  # same seed: same weights everywhere
+    model = build_model(cfg, cfg.row_len).to(device)  # the seed's weights, the same on every rank
     rows, starts, uids, advantages = synthetic_groups(cfg, model.config.vocab_size)
     rows, advantages = [r.to(device) for r in rows], [a.to(device) for a in advantages]
     loss_fn = policy_loss(advantages, sum(len(a) for a in advantages))

@@ -116,7 +116,7 @@ def run_sweep(configs: Sequence[BenchConfig], progress: bool = True) -> list[Ben
     """Run every point on one model (built once, long enough for the longest point)."""
     if not configs:
         raise ValueError("the sweep has no points.")
-    longest = max(c.prefix_len + c.suffix_len for c in configs)
+    longest = max(c.row_len for c in configs)
     model = build_model(configs[0], longest)
     bar = None
     if progress:
