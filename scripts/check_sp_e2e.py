@@ -14,14 +14,20 @@ environment (`scripts/install-cpu-demo.sh`) and about 12 GB of memory; takes ~8 
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
 
-from verl_prefix.demo import DemoConfig, run_env, run_overrides, save_model, write_dataset
+from verl_prefix.demo import (
+    DemoConfig,
+    run_env,
+    run_overrides,
+    save_model,
+    step_records,
+    training_figures,
+    write_dataset,
+)
 
-MEASURED = ("timing", "perf/", "_seconds", "_memory_", "verify_")
 COMMON = [
     "algorithm.adv_estimator=gae",
     "actor_rollout_ref.rollout.top_k=1",
@@ -64,8 +70,7 @@ def run(out: Path, name: str, steps: int) -> dict[int, dict]:
         proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=run_env(cfg, run_dir), cwd=run_dir)
     if proc.returncode:
         sys.exit(f"{name}: main_ppo failed (exit {proc.returncode}); see {run_dir / 'train.log'}")
-    records = [json.loads(line)["data"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    return {r["training/global_step"]: r for r in records}
+    return step_records(run_dir / "metrics.jsonl")
 
 
 def main() -> int:
@@ -80,12 +85,10 @@ def main() -> int:
     sp1, sp2 = run(out, "sp1", args.steps), run(out, "sp2", args.steps)
     failures, compared = [], 0
     for step, reference in sp1.items():
-        for key, value in reference.items():
-            if any(m in key for m in MEASURED) or not isinstance(value, (int, float)):
-                continue
+        for key, value in training_figures(reference).items():
             compared += 1
             got = sp2[step].get(key)
-            if got is None or abs(got - value) > 1e-5 + 3e-4 * abs(value):
+            if got is None or abs(got - value) > max(1e-5, 3e-4 * abs(value)):  # pytest.approx's rule
                 failures.append(f"step {step} {key}: sp1 {value} sp2 {got}")
     for role in ("actor", "critic"):
         rows = [sp2[s][f"{role}/prefix_reuse/rows"] for s in sp2]

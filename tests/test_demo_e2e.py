@@ -14,7 +14,6 @@ every step, so a run resumed from step 1 must log exactly the metrics of the uni
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 from pathlib import Path
@@ -28,7 +27,9 @@ pytestmark = pytest.mark.skipif(not DEMO_PYTHON, reason="VERL_PREFIX_DEMO_PYTHON
 
 
 def _records(path: Path) -> list[dict]:
-    return [json.loads(line)["data"] for line in path.read_text().splitlines() if line.strip()]
+    from verl_prefix.demo import step_records
+
+    return list(step_records(path).values())
 
 
 def _tensorboard_tags(run_dir: Path) -> set[str]:
@@ -59,8 +60,6 @@ RUNS = {
         "critic.optim.lr=1e-3",
     ],
 }
-# logged figures that are measurements of the machine, not of training
-MEASURED = ("timing", "perf/", "_seconds", "_memory_", "verify_")
 
 
 @pytest.fixture(scope="module", params=sorted(RUNS))
@@ -127,7 +126,7 @@ def test_resumed_run_logs_the_uninterrupted_runs_metrics(demo):
     """verl's checkpoint manager with the switch on: resume the reuse run from its step-1 checkpoint
     and run steps 2 and 3 again. Step 2 reads the restored weights (actor and critic), step 3 also the
     restored optimizer and LR-scheduler states; every logged training figure must match."""
-    from verl_prefix.demo import DemoConfig, run_env
+    from verl_prefix.demo import DemoConfig, run_env, step_records, training_figures
 
     out, _, algorithm = demo
     if algorithm != "gae":
@@ -148,18 +147,17 @@ def test_resumed_run_logs_the_uninterrupted_runs_metrics(demo):
             cwd=run_dir,
         )
     assert proc.returncode == 0, _tail(run_dir / "train.log")
-    resumed = {r["training/global_step"]: r for r in _records(run_dir / "metrics.jsonl")}
-    uninterrupted = {r["training/global_step"]: r for r in _records(reuse_dir / "metrics.jsonl")}
+    resumed, uninterrupted = step_records(run_dir / "metrics.jsonl"), step_records(reuse_dir / "metrics.jsonl")
     assert sorted(resumed) == [2, 3]
     for step, metrics in resumed.items():
         # vLLM's logprobs are taken after top_k: 0 for every token unless logits tie
         assert uninterrupted[step]["rollout_corr/rollout_log_ppl"] == 0.0, "the rollout was not greedy"
-        keys = [k for k in metrics if not any(m in k for m in MEASURED) and isinstance(metrics[k], (int, float))]
-        assert "actor/pg_loss" in keys and "critic/vf_loss" in keys and "actor/prefix_reuse/groups" in keys
-        for key in keys:
+        figures = training_figures(metrics)
+        assert "actor/pg_loss" in figures and "critic/vf_loss" in figures and "actor/prefix_reuse/groups" in figures
+        for key, value in figures.items():
             # The same rows, but their order inside a step follows vLLM's completion order, so sums
             # may round differently, and Adam (lr 1e-3) turns rounding in near-zero gradient entries
             # into lr-sized weight differences: seen up to 2e-5 relative (grad_norm) and 5e-6
             # absolute (pg_loss, ~0 by construction) at step 3. Resumed without the optimizer state
             # (checkpoint.load_contents=[model]), 24 of these figures moved past this tolerance.
-            assert metrics[key] == pytest.approx(uninterrupted[step][key], rel=3e-4, abs=1e-5), (step, key)
+            assert value == pytest.approx(uninterrupted[step][key], rel=3e-4, abs=1e-5), (step, key)

@@ -13,6 +13,7 @@ Layout of `--out`: `model/`, `data/`, `baseline/` and `reuse/` (each `metrics.js
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -286,6 +287,22 @@ def run_one(cfg: DemoConfig, out: Path, reuse: bool) -> Path:
 def _steps_logged(path: Path) -> int:
     """Complete lines of the file tracker's JSONL (one per finished step)."""
     return path.read_text().count("\n") if path.exists() else 0
+
+
+# logged figures that measure the machine (time, throughput, memory, the in-loop check), not training
+MEASURED = ("timing", "perf/", "_seconds", "_memory_", "verify_")
+
+
+def step_records(path: Path) -> dict[int, dict]:
+    """The file tracker's JSONL as {training/global_step: that step's record}."""
+    records = [json.loads(line)["data"] for line in path.read_text().splitlines() if line.strip()]
+    return {r["training/global_step"]: r for r in records}
+
+
+def training_figures(record: dict) -> dict[str, float]:
+    """A step record's numeric figures of training (the MEASURED ones left out): what two runs on
+    the same rollouts must agree on."""
+    return {k: v for k, v in record.items() if isinstance(v, (int, float)) and not any(m in k for m in MEASURED)}
 
 
 VERIFY_KEY = "actor/prefix_reuse/verify_max_grad_rel_diff"
