@@ -89,6 +89,14 @@ def dense_entropies(model: torch.nn.Module, batch: Batch, temperature: float = 1
     return out[1]
 
 
+def dense_values(model: torch.nn.Module, batch: Batch) -> list[torch.Tensor]:
+    """Per-row values of a one-label value model, each row alone (response token t's at position t - 1)."""
+    return [
+        model(input_ids=row[None]).logits[0, start - 1 : -1, 0]
+        for row, start in zip(batch.input_ids, batch.response_start, strict=True)
+    ]
+
+
 def dense_grads(model: torch.nn.Module, batch: Batch) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
     """Gradients of the batch loss from dense training (each row its own micro-batch, unpadded), and
     the log-probs it saw."""

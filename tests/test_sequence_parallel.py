@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 import verl_support as vs
-from dense_reference import dense_entropies, dense_grads, dense_log_probs, make_batch, rel_err
+from dense_reference import dense_entropies, dense_grads, dense_values, make_batch, rel_err
 from tiny_models import build, build_value_model
 
 from verl_prefix.core import PrefixReuseConfig, ScheduleRuntime, compute_log_probs, compute_values, forward_backward
@@ -46,8 +46,8 @@ def _core_case(case: dict, sp_group) -> dict:
     config = PrefixReuseConfig(attention=case["attention"], max_tokens_per_micro_batch=24)
     if case["readout"] == "values":
         values = compute_values(model, rows, starts, gids, config, runtime=runtime)
-        with torch.no_grad():  # the value of response token t is read at position t - 1
-            ref = [model(input_ids=r[None]).logits[0, s - 1 : len(r) - 1, 0] for r, s in zip(rows, starts, strict=True)]
+        with torch.no_grad():
+            ref = dense_values(model, batch)
         return {"values": max(float((a - b).abs().max()) for a, b in zip(values, ref, strict=True))}
     ref_grads, ref_log_probs = dense_grads(model, batch)
     seen: dict[int, torch.Tensor] = {}
@@ -62,9 +62,7 @@ def _core_case(case: dict, sp_group) -> dict:
     return {
         "grads": grad_err,
         "loss_fn_log_probs": max(float((seen[i] - ref_log_probs[i]).abs().max()) for i in range(len(rows))),
-        "log_probs": max(
-            float((a - b).abs().max()) for a, b in zip(log_probs, dense_log_probs(model, batch), strict=True)
-        ),
+        "log_probs": max(float((a - b).abs().max()) for a, b in zip(log_probs, ref_log_probs, strict=True)),
         "entropies": max(float((a - b).abs().max()) for a, b in zip(entropies, ref_entropies, strict=True)),
         "groups": stats.groups,
     }

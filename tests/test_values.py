@@ -2,17 +2,10 @@
 
 import pytest
 import torch
-from dense_reference import make_batch, rel_err
+from dense_reference import dense_values, make_batch, rel_err
 from tiny_models import build_value_model
 
 from verl_prefix.core import PrefixReuseConfig, compute_values, forward_backward
-
-
-def dense_values(model, batch):
-    return [
-        model(input_ids=row[None]).logits[0, start - 1 : -1, 0]
-        for row, start in zip(batch.input_ids, batch.response_start, strict=True)
-    ]
 
 
 @pytest.mark.parametrize("mode", ["keep", "offload", "recompute"])
