@@ -224,27 +224,12 @@ def test_two_ranks_fsdp2_over_gloo(actor_dir, tmp_path):
     assert result["max_rel_err"] <= GRAD_TOL
 
 
+# three uids whose prompts all open with one 24-token system prompt (only the questions differ)
+SYSTEM_PROMPT_GROUPS = [(5, [3, 7, 2, 5]), (6, [4, 1, 6]), (7, [2])]
+
+
 def _system_prompt_batch(calculate_entropy: bool = False):
-    """Three uids whose prompts all open with one 24-token system prompt (only the questions differ),
-    4 + 3 + 1 rows, in verl's layout."""
-    gen = torch.Generator().manual_seed(7)
-
-    def tokens(n):
-        return torch.randint(0, vs.VOCAB - 3, (n,), generator=gen)
-
-    system = tokens(24)
-    prompts, responses, uids = [], [], []
-    for g, n_resp in enumerate([[3, 7, 2, 5], [4, 1, 6], [2]]):
-        prompt = torch.cat([system, tokens(5 + g)])
-        for n in n_resp:
-            prompts.append(prompt)
-            responses.append(tokens(n))
-            uids.append(f"uid-{g}")
-    extra = dict(
-        old_log_probs=[-torch.rand(len(r), generator=gen) - 4.5 for r in responses],
-        advantages=[torch.randn(len(r), generator=gen) for r in responses],
-    )
-    return vs.rows_tensordict(prompts, responses, uids, extra, calculate_entropy=calculate_entropy)
+    return vs.make_batch(SYSTEM_PROMPT_GROUPS, seed=7, calculate_entropy=calculate_entropy, system_len=24)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

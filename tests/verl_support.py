@@ -71,12 +71,23 @@ def save_tiny_qwen3(
     return path
 
 
-def make_batch(groups, seed: int = 0, calculate_entropy: bool = False, temperature: float = 1.0, critic=False):
-    """A random mini-batch. groups: list of (prompt_len, [response lengths]), one uid each."""
+def make_batch(
+    groups,
+    seed: int = 0,
+    calculate_entropy: bool = False,
+    temperature: float = 1.0,
+    critic=False,
+    system_len: int = 0,
+):
+    """A random mini-batch. groups: list of (prompt_len, [response lengths]), one uid each; with
+    `system_len`, every prompt opens with the same system prompt of that many tokens first."""
     gen = torch.Generator().manual_seed(seed)
+    system = torch.randint(0, VOCAB - 3, (system_len,), generator=gen) if system_len else None
     prompts, responses, uids = [], [], []
     for g, (prompt_len, resp_lens) in enumerate(groups):
         prompt = torch.randint(0, VOCAB - 3, (prompt_len,), generator=gen)
+        if system is not None:
+            prompt = torch.cat([system, prompt])
         for n in resp_lens:
             prompts.append(prompt)
             responses.append(torch.randint(0, VOCAB - 3, (n,), generator=gen))
