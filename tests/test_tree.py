@@ -145,13 +145,13 @@ def test_tree_schedule_matches_dense_fp64(mode, attention, checkpointing):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing})
     batch = _tree_batch()
     config = PrefixReuseConfig(
-        max_tokens_per_micro_batch=20, prefix_activations=mode, attention=attention, prefix_tree=True
+        max_tokens_per_micro_batch=20, prefix_activations=mode, attention=attention, min_node_saving=0
     )
     stats = _assert_equivalent(model, batch, config, FP64_TOL)
     # nodes: the system prompt (14 tokens, 7 rows); question a (6, under it: a1's and a2's rows) and
-    # question b (4: its last token stays with the rows); a1's and a2's phrasings (2 and 3); the row
-    # alone shares nothing
-    assert (stats.groups, stats.dense_rows, stats.prefix_tokens) == (5, 1, 14 + 6 + 4 + 2 + 3)
+    # question b (5: its last token's logit is read by each of its rows with its own label); a1's and
+    # a2's phrasings (3 and 4); the row alone shares nothing
+    assert (stats.groups, stats.dense_rows, stats.prefix_tokens) == (5, 1, 14 + 6 + 5 + 3 + 4)
 
 
 def test_a_node_longer_than_the_budget_is_a_chain_of_passes():
@@ -167,8 +167,130 @@ def test_a_node_longer_than_the_budget_is_a_chain_of_passes():
     spans = [(g.start, g.prefix_len, g.parent) for g in plan.groups if g.prefix_len > 0]
     assert spans[:2] == [(0, 13, None), (13, 14, 0)]  # the 14-token system prompt: two passes, chained
     assert all(g.span <= budget for g in plan.groups if g.prefix_len > 0)
-    config = PrefixReuseConfig(max_tokens_per_micro_batch=budget, attention="merged", prefix_tree=True)
+    config = PrefixReuseConfig(max_tokens_per_micro_batch=budget, attention="merged", min_node_saving=0)
     _assert_equivalent(build("llama"), batch, config, FP64_TOL)
+
+
+def _shared_response_batch(seed: int = 1):
+    """Rows that share response tokens (the loss-carrying spans of tree rollouts and multi-turn rows).
+
+    uid "tree": five samples of one prompt that share a 6-token first turn; rows 0-2 share 4 more
+    tokens, rows 1 and 2 are identical (duplicate samples), row 3's response is the start of row 4's.
+    uid "turn1" / "turn2": a multi-turn trajectory and its second turn trained as a row of its own
+    (its prompt holds the first row's prompt and first turn, so the shared span has members with
+    different response starts). uid "plain": two samples sharing their prompt only.
+    """
+    from dense_reference import VOCAB, Batch
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def tokens(n):
+        return torch.randint(0, VOCAB, (n,), generator=gen)
+
+    prompt, turn, stem = tokens(8), tokens(6), tokens(4)
+    twin = tokens(3)
+    longer = tokens(7)
+    tree = [
+        (prompt, torch.cat([turn, stem, tokens(2)])),
+        (prompt, torch.cat([turn, stem, twin])),
+        (prompt, torch.cat([turn, stem, twin])),
+        (prompt, torch.cat([turn, longer[:3]])),
+        (prompt, torch.cat([turn, longer])),
+    ]
+    question, first_turn = tokens(7), tokens(5)
+    turns = [
+        ("turn1", question, torch.cat([first_turn, tokens(4)])),
+        ("turn2", torch.cat([question, first_turn]), tokens(3)),
+    ]
+    plain = tokens(6)
+    rows = [("tree", p, r) for p, r in tree] + turns + [("plain", plain, tokens(n)) for n in (3, 5)]
+    return Batch(
+        [torch.cat([p, r]) for _, p, r in rows],
+        [len(p) for _, p, _ in rows],
+        [uid for uid, _, _ in rows],
+        [torch.randn(len(r), generator=gen, dtype=torch.float64) for _, _, r in rows],
+    )
+
+
+@pytest.mark.parametrize("checkpointing", [None, True, False])
+@pytest.mark.parametrize("mode", ["keep", "offload", "recompute"])
+def test_shared_response_tokens_match_dense_fp64(mode, checkpointing):
+    """Response tokens several rows hold run once; each row's loss reads their log-probs, so their
+    gradient weights add exactly as in dense training."""
+    from test_equivalence import FP64_TOL, _assert_equivalent
+    from tiny_models import build
+
+    from verl_prefix.core import PrefixReuseConfig
+
+    model = build("llama")
+    if checkpointing is not None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing})
+    config = PrefixReuseConfig(max_tokens_per_micro_batch=16, prefix_activations=mode, min_node_saving=0)
+    stats = _assert_equivalent(model, _shared_response_batch(), config, FP64_TOL)
+    # "tree": prompt + first turn (14 tokens, 5 rows); the stem (4, rows 0-2); the twins' 3 tokens and
+    # row 3's 3 tokens (2 each: a row's last token stays its own); "turn1"/"turn2": question + first
+    # turn (12; read out from the first row's first response token on); "plain": the prompt (6)
+    assert (stats.groups, stats.dense_rows) == (6, 0)
+    assert stats.prefix_tokens == 14 + 4 + 2 + 2 + 12 + 6
+
+
+def test_shared_response_outputs_entropies_temperatures_and_values():
+    """Log-probs and entropies at per-row temperatures, the entropy bonus's gradient, and a value
+    model's values and gradients, each against dense, on rows sharing response tokens."""
+    from dense_reference import dense_values, rel_err
+    from test_equivalence import FP64_TOL
+    from tiny_models import build, build_value_model
+
+    from verl_prefix.core import PrefixReuseConfig, compute_log_probs, compute_values, forward_backward
+
+    batch = _shared_response_batch(seed=2)
+    config = PrefixReuseConfig(max_tokens_per_micro_batch=16, min_node_saving=0)
+    temps = [0.5, 0.9, 1.3, 2.0, 0.7, 1.1, 0.8, 1.0, 1.6]
+    model = build("qwen3")
+    lps, ents = compute_log_probs(
+        model, batch.input_ids, batch.response_start, batch.group_ids, config, True, row_temperature=temps
+    )
+
+    def dense_outputs(i):
+        row, start = batch.input_ids[i], batch.response_start[i]
+        logp = torch.log_softmax(model(input_ids=row[None]).logits[0, start - 1 : -1] / temps[i], -1)
+        return logp.gather(-1, row[start:, None])[:, 0], -(logp.exp() * logp).sum(-1)
+
+    coef = 0.3
+    model.zero_grad(set_to_none=True)
+    for i in range(len(batch.input_ids)):
+        ref_lp, ref_ent = dense_outputs(i)
+        assert rel_err(lps[i], ref_lp.detach()) <= FP64_TOL, f"log-probs of row {i}"
+        assert rel_err(ents[i], ref_ent.detach()) <= FP64_TOL, f"entropies of row {i}"
+        ((batch.weights[i] * ref_lp).sum() - coef * ref_ent.sum()).backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+
+    def loss_fn(indices, log_probs, entropies):
+        return sum(
+            (batch.weights[i] * lp).sum() - coef * ent.sum()
+            for i, lp, ent in zip(indices, log_probs, entropies, strict=True)
+        )
+
+    ids, starts, uids = batch.input_ids, batch.response_start, batch.group_ids
+    forward_backward(model, ids, starts, uids, loss_fn, config, row_temperature=temps, loss_entropy=True)
+    for n, p in model.named_parameters():
+        assert rel_err(p.grad, ref[n]) <= FP64_TOL, n
+
+    critic = build_value_model("qwen3")
+    ref_values = dense_values(critic, batch)
+    sum((v * w).sum() for v, w in zip(ref_values, batch.weights, strict=True)).backward()
+    ref = {n: p.grad.clone() for n, p in critic.named_parameters()}
+    critic.zero_grad(set_to_none=True)
+
+    def value_loss(indices, values):
+        return sum((v * batch.weights[i]).sum() for i, v in zip(indices, values, strict=True))
+
+    forward_backward(critic, ids, starts, uids, value_loss, config, readout="values")
+    for n, p in critic.named_parameters():
+        assert rel_err(p.grad, ref[n]) <= FP64_TOL, n
+    for i, (v, r) in enumerate(zip(compute_values(critic, ids, starts, uids, config), ref_values, strict=True)):
+        assert rel_err(v, r.detach()) <= FP64_TOL, f"values of row {i}"
 
 
 def test_flop_bound_counts_each_span_once_with_what_it_reads():

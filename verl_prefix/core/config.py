@@ -30,8 +30,14 @@ class PrefixReuseConfig:
         min_prefix_tokens: groups whose shared prefix is shorter than this run dense (in a tree: a
             shared span shorter than this gets no node; its rows compute it themselves).
         prefix_tree: share every span that several rows hold, found from the tokens across group
-            ids (a system prompt common to all groups, then each group's question, ...): a prefix
-            tree run top-down in Phase A and bottom-up in Phase C. False = one prefix per group id.
+            ids: a system prompt common to all groups, then each group's question, then response
+            tokens several rows share (multi-turn trajectories, tree rollouts), whose outputs are
+            computed once and read by every row holding them. A prefix tree, run top-down in Phase A
+            and bottom-up in Phase C. False = one prefix per group id, prompt tokens only.
+        min_node_saving: in a tree, a nested node (one with a parent or a child) must save at least
+            this many token computations (tokens x (rows - 1)); each tree level costs one more
+            Phase-A and Phase-C pass over the model, so smaller spans are computed by the nodes or
+            rows below them. A group's one prefix is never dropped by this rule.
         temperature: logits are divided by it before log-softmax, as verl does.
         router_aux_loss: MoE only. Add, per suffix micro-batch, coef x transformers'
             `load_balancing_loss_func` of the dense micro-batch made of the same rows (prefix tokens
@@ -43,7 +49,8 @@ class PrefixReuseConfig:
     attention: AttentionBackend = "auto"
     prefix_activations: PrefixActivations = "keep"
     min_prefix_tokens: int = 1
-    prefix_tree: bool = False
+    prefix_tree: bool = True
+    min_node_saving: int = 256
     temperature: float = 1.0
     router_aux_loss: bool = False
     router_aux_loss_coef: float | None = None
@@ -67,6 +74,8 @@ class PrefixReuseConfig:
             )
         if self.min_prefix_tokens < 1:
             raise ValueError(f"{owner}.min_prefix_tokens={self.min_prefix_tokens} must be >= 1.")
+        if self.min_node_saving < 0:
+            raise ValueError(f"{owner}.min_node_saving={self.min_node_saving} must be >= 0.")
         if not self.temperature > 0:
             raise ValueError(f"{owner}.temperature={self.temperature} must be > 0.")
         if self.router_aux_loss_coef is not None and not self.router_aux_loss_coef >= 0:

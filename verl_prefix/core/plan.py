@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .tree import build_prefix_tree, common_prefix_len, path_to
+from .tree import build_prefix_tree, common_prefix_len, path_to, without_small_nested_nodes
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,17 @@ class SchedulePlan:
         """Row -> the group its suffix reads (its deepest node, or its own dense group)."""
         return {r: seg.group for mb in self.micro_batches for seg in mb for r in seg.rows}
 
+    def readout_starts(self, response_start: Sequence[int]) -> dict[int, int]:
+        """Group -> the first position of its span whose output a member row reads (the logit or value
+        at position t - 1 belongs to response token t); groups whose outputs nobody reads are absent."""
+        starts = {}
+        for g, grp in enumerate(self.groups):
+            if grp.prefix_len > 0:
+                first = max(grp.start, min(response_start[r] for r in grp.rows) - 1)
+                if first < grp.prefix_len:
+                    starts[g] = first
+        return starts
+
     def micro_batch_rows(self) -> list[tuple[int, ...]]:
         """Rows of each Phase-B micro-batch, in order (the partition a per-micro-batch loss sees)."""
         return [tuple(r for seg in mb for r in seg.rows) for mb in self.micro_batches]
@@ -115,15 +126,18 @@ def pack_in_order(items: Sequence[tuple[int, int]], budget: int | None) -> list[
 
 def tree_groups(
     input_ids: Sequence[torch.Tensor],
-    response_start: Sequence[int],
     min_prefix_tokens: int,
+    min_node_saving: int,
     max_tokens: int | None,
 ) -> tuple[list[PrefixGroup], dict[int, int]]:
     """The prefix tree of the rows as groups (nodes first, parents before children, then one dense
-    group per row that shares nothing) and each row's suffix group. Nodes end before each member's
-    last prompt token, as one-level prefixes do; a node longer than `max_tokens` becomes a chain of
-    nodes of at most that many tokens (each reads the ones before it)."""
-    tree = build_prefix_tree(input_ids, [s - 1 for s in response_start], min_prefix_tokens)
+    group per row that shares nothing) and each row's suffix group. Nodes may hold response tokens
+    (their outputs are read by every member row) and end before each member's last token, so every
+    row keeps a suffix; nested nodes saving fewer than `min_node_saving` token computations are
+    left to the nodes below them. A node longer than `max_tokens` becomes a chain of nodes of at
+    most that many tokens (each reads the ones before it)."""
+    tree = build_prefix_tree(input_ids, [len(r) - 1 for r in input_ids], min_prefix_tokens)
+    tree = without_small_nested_nodes(tree, min_node_saving)
     groups: list[PrefixGroup] = []
     last: dict[int, int] = {}  # tree node -> its (last) group
     for k, node in enumerate(tree.nodes):  # parents first, so their groups exist
@@ -148,14 +162,15 @@ def make_plan(
     max_tokens_per_micro_batch: int | None,
     min_prefix_tokens: int,
     tree: bool = False,
+    min_node_saving: int = 0,
 ) -> SchedulePlan:
     """Build the schedule: each group's prefix runs once; its suffixes may span micro-batches.
 
     `tree`: the groups are the nodes of the rows' prefix tree, found from the tokens across group
-    ids; Phase-A chunks then hold nodes of one depth, top level first."""
+    ids (`tree_groups`); Phase-A chunks then hold nodes of one depth, top level first."""
     lengths = [len(x) for x in input_ids]
     if tree:
-        groups, row_group = tree_groups(input_ids, response_start, min_prefix_tokens, max_tokens_per_micro_batch)
+        groups, row_group = tree_groups(input_ids, min_prefix_tokens, min_node_saving, max_tokens_per_micro_batch)
         suffix_rows = sorted(range(len(input_ids)), key=lambda r: (row_group[r], r))
     else:
         groups = find_prefix_groups(input_ids, response_start, group_ids, min_prefix_tokens)

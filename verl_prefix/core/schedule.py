@@ -35,7 +35,7 @@ from .flops import FlopModel
 from .memory import phase_peak, saved_tensors_on_cpu
 from .moe import PrefixRouterLogits, RouterSpec, load_balancing_loss, router_spec
 from .plan import SchedulePlan, Segment, make_plan
-from .prefix_kv import PrefixKV, PrefixRef
+from .prefix_kv import PrefixKV, PrefixRef, accumulation_dtype
 from .runtime import ScheduleRuntime, SequenceParallel
 
 LossFn = Callable[..., torch.Tensor]
@@ -162,7 +162,14 @@ class _Step:
     micro_batches: int  # Phase-B passes: the plan's micro-batches, then one-token padding passes
     prefix_kv: PrefixKV = field(default_factory=PrefixKV)
     refs: dict[int, tuple[PrefixRef, ...]] = field(default_factory=dict)  # group -> its path's spans
-    head_outputs: dict[int, torch.Tensor] = field(default_factory=dict)  # Phase-A outputs (graph roots)
+    # group -> (chunk, row in the chunk's read-outs, first position read) for nodes whose outputs
+    # rows read (response tokens shared by several rows)
+    readouts: dict[int, tuple[int, int, int]] = field(default_factory=dict)
+    # Phase-A outputs per chunk: (head output, read-out rows or None), the roots of Phase C
+    head_outputs: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+    # per chunk: its read-out rows [K, vocab] (logits) or [K] (values), detached, at least fp32;
+    # Phase B reads them, their `.grad` accumulates every row's share and seeds Phase C
+    node_outputs: dict[int, torch.Tensor] = field(default_factory=dict)
     rng_states: dict[int, tuple] = field(default_factory=dict)
     router: PrefixRouterLogits | None = None
     router_spec: RouterSpec | None = None
@@ -196,12 +203,8 @@ def _start(model, input_ids, response_start, group_ids, config, runtime, readout
             config.max_tokens_per_micro_batch,
             config.min_prefix_tokens,
             tree=config.prefix_tree,
+            min_node_saving=config.min_node_saving,
         )
-        if config.router_aux_loss and any(g.parent is not None for g in plan.groups):
-            raise ValueError(
-                "PrefixReuseConfig.router_aux_loss counts prefix tokens per group; with nested prefixes "
-                "set prefix_tree=False (one prefix per group id)."
-            )
         counts = [len(plan.prefix_chunks), len(plan.micro_batches)]
     except ValueError as exc:  # every rank learns of it below: the others must not wait in a collective
         error, counts = exc, [0, 0]
@@ -220,6 +223,11 @@ def _start(model, input_ids, response_start, group_ids, config, runtime, readout
         raise ValueError("another data-parallel rank's batch was refused by the schedule (its error says why).")
     spans = {g: PrefixRef(*ref) for g, ref in plan.prefix_refs().items()}
     refs = {g: tuple(spans[a] for a in plan.path(g)) for g in spans}  # each group's path, top first
+    firsts, readouts, read_rows = plan.readout_starts(response_start), {}, {}
+    for g in sorted(firsts, key=lambda g: (spans[g].chunk, spans[g].start)):  # chunk order, as packed
+        c = spans[g].chunk
+        readouts[g] = (c, read_rows.get(c, 0), firsts[g])
+        read_rows[c] = read_rows.get(c, 0) + plan.groups[g].prefix_len - firsts[g]
     return _Step(
         model,
         plan,
@@ -233,6 +241,7 @@ def _start(model, input_ids, response_start, group_ids, config, runtime, readout
         chunks,
         micro_batches,
         refs=refs,
+        readouts=readouts,
     )
 
 
@@ -248,12 +257,13 @@ def _phase_a(step: _Step) -> None:
         with step.runtime.forward_context():
             if mode == "recompute":
                 with torch.no_grad():
-                    _prefix_forward(step, c, store=True)
+                    outputs = _prefix_forward(step, c, store=True)
             elif mode == "offload":
                 with saved_tensors_on_cpu(pin_memory=step.device.type == "cuda"):
-                    step.head_outputs[c] = _prefix_forward(step, c, store=True)
+                    outputs = step.head_outputs[c] = _prefix_forward(step, c, store=True)
             else:
-                step.head_outputs[c] = _prefix_forward(step, c, store=True)
+                outputs = step.head_outputs[c] = _prefix_forward(step, c, store=True)
+        _keep_readouts(step, c, outputs[1], grad=True)
 
 
 def _phase_b(step: _Step, loss_fn: LossFn, loss_entropy: bool, stats: ScheduleStats) -> None:
@@ -277,11 +287,15 @@ def _phase_c(step: _Step) -> None:
             if step.config.prefix_activations == "recompute":
                 with _restored_rng(step.device, step.rng_states[c]), step.runtime.forward_context():
                     step.head_outputs[c] = _prefix_forward(step, c, store=False)
-            head = step.head_outputs.pop(c)
+            head, kept = step.head_outputs.pop(c)
             # The K/V seeds enter inside the layers (`PrefixKV.seed`); the backward starts at the
             # head output with zeros, so every layer output sees gradient: FSDP's backward hooks
             # (unshard, reduce-scatter) fire in order, and checkpointed layers are recomputed.
             roots, grads = [head], [torch.zeros_like(head)]
+            read = step.node_outputs.pop(c, None)
+            if read is not None and read.grad is not None:  # what the rows' losses put on shared outputs
+                roots.append(kept)
+                grads.append(read.grad.to(kept.dtype))
             if step.router is not None:
                 roots_z, grads_z = step.router.seeds(c)
                 roots, grads = roots + roots_z, grads + grads_z
@@ -295,7 +309,7 @@ def _infer(step: _Step, return_entropy: bool):
     entropies: list[torch.Tensor | None] = [None] * len(step.rows)
     with torch.no_grad(), _prefix_attention(step.model), step.runtime.forward_context():
         for c in range(step.chunks):
-            _prefix_forward(step, c, store=True)
+            _keep_readouts(step, c, _prefix_forward(step, c, store=True)[1], grad=False)
         for m in range(step.micro_batches):
             if step.is_padding_micro_batch(m):
                 _padding_loss(step)
@@ -312,79 +326,111 @@ def _infer(step: _Step, return_entropy: bool):
 # Passes
 
 
-def _prefix_forward(step: _Step, chunk: int, store: bool) -> torch.Tensor:
+def _prefix_forward(step: _Step, chunk: int, store: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run one Phase-A chunk (packed prefixes, block-causal): store every layer's K/V when `store`
     (and every MoE layer's router logits), seed Phase C's gradient under grad mode.
 
-    Returns the model's head output, the root of Phase C's backward. A padding chunk is one token.
+    Returns the model's head output, the root of Phase C's backward, and the outputs rows read at
+    the chunk's read-out positions in packed order ([K, vocab] logits or [K] values; None when
+    none is read), whole under sequence parallelism. A padding chunk is one token.
     """
-    groups = [] if step.is_padding_chunk(chunk) else [step.plan.groups[g] for g in step.plan.prefix_chunks[chunk]]
-    blocks, offset = [], 0
-    for grp in groups:  # a node reads its ancestors' spans (stored by earlier chunks)
+    groups = [] if step.is_padding_chunk(chunk) else list(step.plan.prefix_chunks[chunk])
+    blocks, keep, offset = [], [], 0
+    for g in groups:  # a node reads its ancestors' spans (stored by earlier chunks)
+        grp = step.plan.groups[g]
         above = step.refs[grp.parent] if grp.parent is not None else ()
         blocks.append(Block(offset, offset + grp.span, (grp.span,), above))
+        if g in step.readouts:
+            keep.append(torch.arange(offset + step.readouts[g][2] - grp.start, offset + grp.span, device=step.device))
         offset += grp.span
     if groups:
-        ids = torch.cat([step.rows[grp.rows[0]][grp.start : grp.prefix_len] for grp in groups])
-        positions = torch.cat([torch.arange(grp.start, grp.prefix_len, device=step.device) for grp in groups])
+        spans = [step.plan.groups[g] for g in groups]
+        ids = torch.cat([step.rows[grp.rows[0]][grp.start : grp.prefix_len] for grp in spans])
+        positions = torch.cat([torch.arange(grp.start, grp.prefix_len, device=step.device) for grp in spans])
     else:
         blocks = [Block(0, 1, (1,))]
         ids = positions = torch.zeros(1, dtype=torch.long, device=step.device)
     ctx = AttentionContext(
         "capture", tuple(blocks), step.prefix_kv, step.config.attention, chunk=chunk, store=store, sp=step.sp
     )
-    # No head over prefix tokens: their outputs are never read (a value head is one column: kept).
+    keep_idx = torch.cat(keep) if keep else torch.empty(0, dtype=torch.long, device=step.device)
+    ids, positions, first = _shard(step.sp, ids, positions)
+    keep_local, _, kept_per_rank = _local_keep(step.sp, keep_idx, first, ids.shape[1])
+    # The head runs over read-out positions only (a value head is one column: it runs everywhere).
     kwargs = {CONTEXT_KWARG: ctx}
     if step.readout == "log_probs":
-        kwargs["logits_to_keep"] = torch.empty(0, dtype=torch.long, device=step.device)
+        kwargs["logits_to_keep"] = keep_local
     if step.router is not None:
         kwargs["output_router_logits"] = True
-    ids, positions, _ = _shard(step.sp, ids, positions)
     output = step.model(input_ids=ids, position_ids=positions, use_cache=False, **kwargs)
     if step.router is not None:
         step.router.capture(chunk, output.router_logits, store)
     if store:
         _check_hooked(step.model, len(step.prefix_kv.kv.get(chunk, {})))
-    return output.logits
+    kept = None
+    if keep:
+        kept = output.logits.squeeze(0) if step.readout == "log_probs" else output.logits[0, keep_local, 0]
+        if step.sp is not None:
+            kept = _gather_kept(step.sp, kept, kept_per_rank)
+    return output.logits, kept
+
+
+def _keep_readouts(step: _Step, chunk: int, kept: torch.Tensor | None, grad: bool) -> None:
+    """Keep a chunk's read-out outputs for Phase B as a leaf (at least fp32: many rows' gradients
+    add up in it, as for the prefix K/V)."""
+    if kept is not None:
+        leaf = kept.detach().to(accumulation_dtype(kept.dtype))
+        step.node_outputs[chunk] = leaf.requires_grad_() if grad else leaf
 
 
 def _suffix_forward(
     step: _Step, segments: Sequence[Segment], entropy: bool, router_out: list | None = None
 ) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor] | None]:
     """Run one Phase-B micro-batch; return its row indices, per-response-token log-probs or values
-    (and entropies). With `router_out`, append the micro-batch's per-layer router logits to it."""
+    (and entropies) over each row's whole response: the part read from shared nodes above the row
+    (`step.node_outputs`), then its own. With `router_out`, append the micro-batch's per-layer
+    router logits to it."""
     blocks, ids, positions, keep, labels, indices, counts = [], [], [], [], [], [], []
+    shared, shared_labels, shared_counts = [], [], []  # read-outs of nodes above, per row
     offset = 0
     rows, device = step.rows, step.device
     for seg in segments:
         p = step.plan.groups[seg.group].prefix_len
+        above = [(a, step.readouts[a]) for a in step.plan.path(seg.group) if a in step.readouts]
         lengths = tuple(len(rows[r]) - p for r in seg.rows)
         blocks.append(Block(offset, offset + sum(lengths), lengths, step.refs.get(seg.group, ())))
         for r, n in zip(seg.rows, lengths, strict=True):
             start = step.response_start[r]
+            own = max(start, p + 1)  # first response token whose logit this pass computes
             ids.append(rows[r][p:])
             positions.append(torch.arange(p, len(rows[r]), device=device))
-            # logit at position t predicts token t + 1: response tokens rs.. come from rs-1..len-2
-            keep.append(torch.arange(offset + start - 1 - p, offset + n - 1, device=device))
-            labels.append(rows[r][start:])
+            # logit at position t predicts token t + 1: response tokens own.. come from own-1..len-2
+            keep.append(torch.arange(offset + own - 1 - p, offset + n - 1, device=device))
+            labels.append(rows[r][own:])
             indices.append(r)
-            counts.append(len(rows[r]) - start)
+            counts.append(len(rows[r]) - own)
+            read = 0
+            for a, (chunk, row0, first) in above:
+                lo, hi = max(first, start - 1), step.plan.groups[a].prefix_len
+                if lo < hi:
+                    shared.append(step.node_outputs[chunk][row0 + lo - first : row0 + hi - first])
+                    shared_labels.append(rows[r][lo + 1 : hi + 1])
+                    read += hi - lo
+            shared_counts.append(read)
             offset += n
     ctx = AttentionContext("suffix", tuple(blocks), step.prefix_kv, step.config.attention, sp=step.sp)
     keep_idx, labels = torch.cat(keep), torch.cat(labels)
     input_ids, position_ids, first = _shard(step.sp, torch.cat(ids), torch.cat(positions))
     inputs = {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False, CONTEXT_KWARG: ctx}
     # under sequence parallelism this rank reads out the kept positions of its slice only
-    local: torch.Tensor | slice = slice(None)
-    if step.sp is not None:
-        width = input_ids.shape[1]
-        local = (keep_idx >= first) & (keep_idx < first + width)
-        kept_per_rank = torch.bincount(keep_idx // width, minlength=step.sp.size).tolist()
-        keep_idx = keep_idx[local] - first
+    keep_idx, local, kept_per_rank = _local_keep(step.sp, keep_idx, first, input_ids.shape[1])
     if step.readout == "values":
         values = step.model(**inputs).logits[0, keep_idx].squeeze(-1)
         if step.sp is not None:
             values = _gather_kept(step.sp, values, kept_per_rank)
+        if shared:
+            values = _join(torch.cat(shared).to(values.dtype), shared_counts, values, counts)
+            return indices, values, None
         return indices, list(values.split(counts)), None
     if router_out is not None:
         output = step.model(**inputs, logits_to_keep=keep_idx, output_router_logits=True)
@@ -392,24 +438,46 @@ def _suffix_forward(
     else:
         output = step.model(**inputs, logits_to_keep=keep_idx)
     logits = output.logits.squeeze(0)  # a view: indexing [0] would zero-fill a [1, N, V] gradient
-    temperature: float | torch.Tensor = step.config.temperature
-    if step.row_temperature is not None:
-        temperature = torch.cat(
-            [
-                torch.full((n,), float(step.row_temperature[r]), dtype=torch.float64, device=device)
-                for r, n in zip(indices, counts, strict=True)
-            ]
-        )[:, None][local]
+    temperature = _temperatures(step, indices, counts)
+    if isinstance(temperature, torch.Tensor):
+        temperature = temperature[local]
     log_probs, entropies = token_log_probs(logits, labels[local], temperature, entropy)
     if step.sp is not None:
         log_probs = _gather_kept(step.sp, log_probs, kept_per_rank)
         if entropies is not None:
             entropies = _gather_kept(step.sp, entropies, kept_per_rank)
+    if shared:  # every row reads the shared outputs above it with its own label and temperature
+        shared_lp, shared_ent = token_log_probs(
+            torch.cat(shared), torch.cat(shared_labels), _temperatures(step, indices, shared_counts), entropy
+        )
+        log_probs = _join(shared_lp, shared_counts, log_probs, counts)
+        if entropies is not None:
+            entropies = _join(shared_ent, shared_counts, entropies, counts)
+        return indices, log_probs, entropies
     return (
         indices,
         list(log_probs.split(counts)),
         list(entropies.split(counts)) if entropies is not None else None,
     )
+
+
+def _temperatures(step: _Step, indices: list[int], counts: list[int]) -> float | torch.Tensor:
+    """The temperature of each of `counts[k]` tokens of row `indices[k]`: [N, 1] fp64 per-row
+    temperatures, or the config's float."""
+    if step.row_temperature is None:
+        return step.config.temperature
+    per_token = [
+        torch.full((n,), float(step.row_temperature[r]), dtype=torch.float64, device=step.device)
+        for r, n in zip(indices, counts, strict=True)
+    ]
+    return torch.cat(per_token)[:, None]
+
+
+def _join(shared: torch.Tensor, shared_counts: list[int], own: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+    """Per row: its `shared_counts[k]` read-outs from nodes above, then its `counts[k]` own."""
+    return [
+        torch.cat([a, b]) if len(a) else b for a, b in zip(shared.split(shared_counts), own.split(counts), strict=True)
+    ]
 
 
 def _suffix_loss(
@@ -421,11 +489,9 @@ def _suffix_loss(
     indices, outputs, entropies = _suffix_forward(step, segments, loss_entropy, router_out)
     loss = loss_fn(indices, outputs, entropies) if loss_entropy else loss_fn(indices, outputs)
     if step.router is not None:
-        # dense counts each prefix token once per row: weight a prefix by its rows here
+        # dense counts each prefix token once per row: weight every span above a segment by its rows
         shared = [
-            (step.router.of_prefix(step.refs[seg.group][-1]), len(seg.rows))
-            for seg in segments
-            if seg.group in step.refs
+            (step.router.of_prefix(ref), len(seg.rows)) for seg in segments for ref in step.refs.get(seg.group, ())
         ]
         aux = load_balancing_loss(router_out[0], shared, step.router_spec)
         stats.router_aux_losses.append(aux.item())
@@ -487,12 +553,25 @@ def _shard(
     return ids[None, start : start + width], positions[None, start : start + width], start
 
 
+def _local_keep(
+    sp: SequenceParallel | None, keep_idx: torch.Tensor, first: int, width: int
+) -> tuple[torch.Tensor, torch.Tensor | slice, list[int] | None]:
+    """Read-out positions of a pass on this rank: without sequence parallelism all of them; else the
+    ones in this rank's slice [first, first + width) as local indices, the mask that picked them
+    from `keep_idx`, and every rank's count (for `_gather_kept`)."""
+    if sp is None:
+        return keep_idx, slice(None), None
+    local = (keep_idx >= first) & (keep_idx < first + width)
+    kept_per_rank = torch.bincount(keep_idx // width, minlength=sp.size).tolist()
+    return keep_idx[local] - first, local, kept_per_rank
+
+
 def _gather_kept(sp: SequenceParallel, local_values: torch.Tensor, kept_per_rank: list[int]) -> torch.Tensor:
-    """All ranks' per-kept-token outputs in global order: each rank computed the kept tokens of its
-    slice (`kept_per_rank[r]` of them on rank r); padded to the largest count and gathered."""
+    """All ranks' per-kept-token outputs in global order (dim 0): each rank computed the kept tokens
+    of its slice (`kept_per_rank[r]` of them on rank r); padded to the largest count and gathered."""
     width = max(kept_per_rank)
-    padded = torch.cat([local_values, local_values.new_zeros(width - len(local_values))])
-    gathered = sp.gather(padded, 0)  # [size * width]; backward: this rank's slice
+    pad = local_values.new_zeros((width - len(local_values), *local_values.shape[1:]))
+    gathered = sp.gather(torch.cat([local_values, pad]), 0)  # [size * width, ...]; backward: this rank's slice
     real = torch.arange(width)[None] < torch.tensor(kept_per_rank)[:, None]
     return gathered[real.flatten().to(gathered.device)]
 

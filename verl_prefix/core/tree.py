@@ -124,3 +124,25 @@ def _topological(nodes: list[TreeNode], row_node: list[int | None]) -> PrefixTre
             level.extend(children.get(k, []))
         frontier = sorted(level, key=lambda k: (nodes[k].start, nodes[k].rows[0]))
     return PrefixTree(tuple(ordered), tuple(None if k is None else new_index[k] for k in row_node))
+
+
+def without_small_nested_nodes(tree: PrefixTree, min_saving: int) -> PrefixTree:
+    """`tree` without the nested nodes (ones with a parent or a child) that save fewer than
+    `min_saving` token computations (span x (rows - 1)): a nested node costs one more model pass
+    per phase, so its tokens are computed by the nodes (or rows) below it instead. Nodes alone at
+    their level (a group's one prefix) are kept whatever they save."""
+    has_child = {node.parent for node in tree.nodes}
+    nodes: list[TreeNode] = []
+    alias: dict[int, int | None] = {}  # old node -> the new node its rows read (itself, or above)
+    child_start: dict[int, int] = {}  # old node -> where its children's span starts
+    for k, node in enumerate(tree.nodes):  # parents first
+        parent = None if node.parent is None else alias[node.parent]
+        start = node.start if node.parent is None else child_start[node.parent]
+        nested = parent is not None or k in has_child
+        if nested and (node.end - start) * (len(node.rows) - 1) < min_saving:
+            alias[k], child_start[k] = parent, start
+        else:
+            nodes.append(TreeNode(parent, start, node.end, node.rows))
+            alias[k], child_start[k] = len(nodes) - 1, node.end
+    row_node = tuple(None if k is None else alias[k] for k in tree.row_node)
+    return PrefixTree(tuple(nodes), row_node)
