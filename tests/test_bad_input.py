@@ -38,13 +38,17 @@ def model():
 @pytest.mark.parametrize("mode", ["keep", "recompute"])
 def test_non_finite_advantages_propagate_as_in_dense(model, bad, mode):
     batch = make_batch([(4, 12, [3, 2, 4, 1]), (2, 9, [2, 3])], seed=1)
-    batch.weights[1][0] = bad  # one token of one row of group 0
+    # the first response token of row 1 of group 0: its logit is the group's shared read-out
+    batch.weights[1][0] = bad
     ref, _ = dense_grads(model, batch)
     got = reuse_grads(model, batch, PrefixReuseConfig(max_tokens_per_micro_batch=8, prefix_activations=mode))
     for name in ref:
-        assert torch.equal(ref[name].isnan(), got[name].isnan()), f"NaN pattern of {name}"
+        # every tensor dense poisons is poisoned, nowhere else; dense also marks the embeddings of row 1's
+        # later tokens, reached only through masked attention weights (0 x NaN in the math backward)
+        assert bool(ref[name].isnan().any()) == bool(got[name].isnan().any()), f"NaN in {name}"
+        assert not (got[name].isnan() & ~ref[name].isnan()).any(), f"NaN where dense has none, {name}"
         assert torch.equal(ref[name].isinf(), got[name].isinf()), f"inf pattern of {name}"
-        finite = ref[name].isfinite()
+        finite = ref[name].isfinite() & got[name].isfinite()
         if finite.any():
             assert rel_err(got[name][finite], ref[name][finite]) < 1e-10, name
     assert any(ref[n].isnan().any() for n in ref)  # the case is not vacuous

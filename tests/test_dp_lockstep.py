@@ -81,7 +81,8 @@ def _refused_on_one_rank(rank: int, port: int, out_dir: str) -> None:
 
     vs.init_process_group(rank, 2, port)
     model = build("qwen3", torch.float32)
-    rows = [torch.arange(1, 30 if rank == 0 else 12)] * 2
+    n = 21 if rank == 0 else 3  # rank 0's rows: 22-token suffixes
+    rows = [torch.cat([torch.arange(1, 9), torch.full((n,), t)]) for t in (50, 60)]
     config = PrefixReuseConfig(max_tokens_per_micro_batch=16)
     runtime = ScheduleRuntime(group=torch.distributed.group.WORLD)
     try:

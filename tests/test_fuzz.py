@@ -1,13 +1,16 @@
 """Property-based equivalence: random batch structures through the schedule vs dense training.
 
 Structures: group sizes 1..16, ragged prompts and responses, rows of one uid whose prompts
-diverge, a system prompt shared by several groups (nested sharing), rows shuffled so a group is
-not contiguous, groups split across micro-batches (small token budgets) and across dp ranks (the
-rows split over several schedule calls whose gradients add, as FSDP's reduction does).
-Training: SDPA with every prefix_activations mode, gradient checkpointing off / reentrant /
-non-reentrant; forward-only: SDPA and FlexAttention. One prefix per uid, or the prefix tree found
-from the tokens (system prompt, then each group's prompt, then diverging and ragged rows' own
-spans: up to four levels).
+diverge, a system prompt shared by several groups (nested sharing), responses that share a stem
+and sub-stems (tree rollouts), duplicate rows, rows whose prompt takes in the start of their
+response (a later turn of a multi-turn trajectory), rows shuffled so a group is not contiguous,
+groups split across micro-batches (small token budgets) and across dp ranks (the rows split over
+several schedule calls whose gradients add, as FSDP's reduction does).
+Training: merged or SDPA attention, every prefix_activations mode, gradient checkpointing off /
+reentrant / non-reentrant; forward-only: merged, SDPA and FlexAttention. One prefix per uid, or the
+prefix tree found from the tokens (system prompt, then each group's prompt, then diverging and
+ragged rows' own spans, then shared response stems: up to six levels), with every node kept or
+the default `min_node_saving`.
 
 Profiles: `ci` (default, 40 examples, derandomized) and `long` (500 examples):
 `HYPOTHESIS_PROFILE=long python -m pytest tests/test_fuzz.py`.
@@ -49,6 +52,11 @@ class Structure:
     checkpointing: str | None  # None, "reentrant" or "non_reentrant"
     attention: str  # the schedule's backend under test: "merged" or its reference "sdpa"
     tree: bool  # PrefixReuseConfig.prefix_tree: nodes from the tokens across uids (system, prompt, ...)
+    min_node_saving: int  # PrefixReuseConfig.min_node_saving: 0 keeps every node of the tree
+    response_stem: int  # leading response tokens a group's rows share (a tree rollout; 0: none)
+    sub_stem: bool  # every other row of a group shares 2 more response tokens after the stem
+    twins: bool  # every third row repeats the row before it (a duplicate sample)
+    turn_shift: int  # every third row's response starts this many tokens later (a later turn's row)
     seed: int
 
 
@@ -78,6 +86,11 @@ def structures(draw) -> Structure:
         checkpointing=draw(st.sampled_from([None, "reentrant", "non_reentrant"])),
         attention=draw(st.sampled_from(["merged", "sdpa"])),
         tree=draw(st.booleans()),
+        min_node_saving=draw(st.sampled_from([0, 0, 256])),
+        response_stem=draw(st.sampled_from([0, 0, 2, 5])),
+        sub_stem=draw(st.booleans()),
+        twins=draw(st.booleans()),
+        turn_shift=draw(st.integers(0, 2)),
         seed=draw(st.integers(0, 2**16)),
     )
 
@@ -88,15 +101,26 @@ def make(structure: Structure) -> Batch:
     rows, starts, gids, weights = [], [], [], []
     for g, (size, prompt_len, responses, jitter, diverge) in enumerate(structure.groups):
         prompt = torch.randint(0, VOCAB, (prompt_len,), generator=gen)
+        stem = torch.randint(0, VOCAB, (structure.response_stem + 2,), generator=gen)
         for i in range(size):
+            if structure.twins and i % 3 == 2:  # the row before it again (same uid)
+                rows.append(rows[-1].clone())
+                starts.append(starts[-1])
+                gids.append(f"uid-{g}")
+                weights.append(torch.randn(len(weights[-1]), generator=gen, dtype=torch.float64))
+                continue
             p = prompt.clone()
             if diverge is not None and i % 2 == 1:  # every other row's prompt leaves the group's at `diverge`
                 p[diverge:] = torch.randint(0, VOCAB, (prompt_len - diverge,), generator=gen)
             p = torch.cat([system, p, torch.randint(0, VOCAB, (jitter[i],), generator=gen)])
-            rows.append(torch.cat([p, torch.randint(0, VOCAB, (responses[i],), generator=gen)]))
-            starts.append(len(p))
+            response = torch.randint(0, VOCAB, (responses[i],), generator=gen)
+            shared = structure.response_stem + (2 if structure.sub_stem and i % 2 == 1 else 0)
+            response[:shared] = stem[: min(shared, responses[i])]
+            shift = min(structure.turn_shift if i % 3 == 1 else 0, responses[i] - 1)
+            rows.append(torch.cat([p, response]))
+            starts.append(len(p) + shift)
             gids.append(f"uid-{g}")
-            weights.append(torch.randn(responses[i], generator=gen, dtype=torch.float64))
+            weights.append(torch.randn(responses[i] - shift, generator=gen, dtype=torch.float64))
     order = list(range(len(rows)))
     if structure.shuffle_seed is not None:
         order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(structure.shuffle_seed)).tolist()
@@ -136,6 +160,7 @@ def test_training_matches_dense(structure: Structure):
         prefix_activations=structure.mode,
         attention=structure.attention,
         prefix_tree=structure.tree,
+        min_node_saving=structure.min_node_saving,
     )
     seen: dict[int, torch.Tensor] = {}
     net.zero_grad(set_to_none=True)
@@ -192,7 +217,10 @@ def test_log_probs_match_dense(structure: Structure, attention: str):
     with torch.no_grad():
         ref_lps = dense_log_probs(net, batch)
         config = PrefixReuseConfig(
-            max_tokens_per_micro_batch=budget_for(structure, batch), attention=attention, prefix_tree=structure.tree
+            max_tokens_per_micro_batch=budget_for(structure, batch),
+            attention=attention,
+            prefix_tree=structure.tree,
+            min_node_saving=structure.min_node_saving,
         )
         lps = compute_log_probs(net, batch.input_ids, batch.response_start, batch.group_ids, config)
     tol = TOL if attention != "flex" else 1e-6  # flex on CPU computes in fp32 internally

@@ -141,7 +141,7 @@ def test_actor_ref_and_critic_through_ray(ray_cluster, tmp_path):
 
     metrics = tu.get(actor.update_actor(vs.make_batch(GROUPS)), "metrics")
     assert metrics["prefix_reuse/groups"] == [1.0, 1.0]  # one whole group on each of the 2 ranks
-    assert metrics["prefix_reuse/prefix_tokens"] == [19.0, 13.0]
+    assert metrics["prefix_reuse/prefix_tokens"] == [20.0, 14.0]  # each group's whole prompt
     assert metrics["prefix_reuse/fallbacks"] == [0.0, 0.0]
     assert len(metrics["actor/pg_loss"]) >= 1
     for name in ("groups", "dense_tokens", "flop_bound", "phase_A_seconds", "phase_C_peak_memory_gb"):

@@ -88,6 +88,30 @@ def test_a_short_edge_is_computed_by_each_child():
     check_tree(rows, limit, 2)
 
 
+def test_nested_nodes_that_save_little_are_left_to_the_nodes_below():
+    from verl_prefix.core.tree import without_small_nested_nodes
+
+    template, resp = [7, 7, 7], [50, 51]
+    prompts = [template + [10 + g] * 20 for g in range(2)]  # two groups' prompts open with 3 common tokens
+    rows = [torch.tensor(prompts[g] + [resp[i], 60 + 2 * g + i]) for g in range(2) for i in range(2)]
+    limit = [len(r) - 1 for r in rows]
+    tree = build_prefix_tree(rows, limit)
+    assert [(n.parent, n.start, n.end) for n in tree.nodes] == [(None, 0, 3), (0, 3, 23), (0, 3, 23)]
+    # the template saves 3 x 3 tokens: its rows' group nodes compute it; each group's prompt is then
+    # alone at its level and stays (one prefix per group, as without a tree)
+    small = without_small_nested_nodes(tree, min_saving=10)
+    assert [(n.parent, n.start, n.end, n.rows) for n in small.nodes] == [(None, 0, 23, (0, 1)), (None, 0, 23, (2, 3))]
+    assert small.row_node == (0, 0, 1, 1)
+    assert without_small_nested_nodes(tree, min_saving=9) == tree  # 3 x 3 = 9 saved: kept
+    # a nested node below a kept one: its rows read the node above
+    rows = [torch.tensor(prompts[0] + [50, 51, 52, x]) for x in (1, 2)] + [torch.tensor(prompts[0] + [60, 61])]
+    tree = build_prefix_tree(rows, [len(r) - 1 for r in rows])
+    assert [(n.parent, n.start, n.end) for n in tree.nodes] == [(None, 0, 23), (0, 23, 26)]
+    small = without_small_nested_nodes(tree, min_saving=4)
+    assert [(n.parent, n.start, n.end) for n in small.nodes] == [(None, 0, 23)]
+    assert small.row_node == (0, 0, 0)
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=12), min_size=1, max_size=10),

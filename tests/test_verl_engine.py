@@ -129,7 +129,8 @@ def test_actor_update_matches_stock(actor_dir, use_remove_padding, use_dynamic_b
         assert diff[clear].max() <= 1e-6, name
     assert reuse_metrics["actor/pg_loss"] == pytest.approx(stock_metrics["actor/pg_loss"], rel=1e-4, abs=1e-7)
     assert reuse_metrics["grad_norm"] == pytest.approx(stock_metrics["grad_norm"], rel=1e-5)
-    assert reuse_metrics["prefix_reuse/prefix_tokens"] == [19.0 + 13.0]
+    # each group's whole prompt once: its last token's logit is read by every row with its own label
+    assert reuse_metrics["prefix_reuse/prefix_tokens"] == [20.0 + 14.0]
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])  # 0: greedy rollouts (verl clamps to 1e-8)
@@ -224,31 +225,36 @@ def test_two_ranks_fsdp2_over_gloo(actor_dir, tmp_path):
     assert result["max_rel_err"] <= GRAD_TOL
 
 
-# three uids whose prompts all open with one 24-token system prompt (only the questions differ)
-SYSTEM_PROMPT_GROUPS = [(5, [3, 7, 2, 5]), (6, [4, 1, 6]), (7, [2])]
+# three uids whose prompts all open with one 24-token system prompt (only the questions differ); the
+# responses of a uid open with the same 3 tokens (a tree rollout)
+SYSTEM_PROMPT_GROUPS = [(5, [5, 7, 4, 6]), (6, [4, 5, 6]), (7, [3])]
 
 
 def _system_prompt_batch(calculate_entropy: bool = False):
-    return vs.make_batch(SYSTEM_PROMPT_GROUPS, seed=7, calculate_entropy=calculate_entropy, system_len=24)
+    return vs.make_batch(
+        SYSTEM_PROMPT_GROUPS, seed=7, calculate_entropy=calculate_entropy, system_len=24, response_stem=3
+    )
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_prefix_tree_matches_stock(actor_dir, checkpointing):
-    """prefix_reuse.prefix_tree: the system prompt runs once for all three uids, each question once
-    per uid; the update and the log-probs equal the stock engine's."""
+    """The prefix tree, found from the tokens with no switch: the system prompt runs once for all
+    three uids, each question and its responses' common start once per uid (their log-probs read by
+    every row); the update and the log-probs equal the stock engine's."""
     kwargs = dict(engine_kwargs(True), enable_gradient_checkpointing=checkpointing)
     stock = vs.build_worker(actor_dir, reuse=False, **kwargs)
-    reuse = vs.build_worker(actor_dir, reuse=True, prefix_reuse={"prefix_tree": True}, **kwargs)
+    # every node of this small batch kept (the default leaves spans saving < 256 tokens to the rows)
+    reuse = vs.build_worker(actor_dir, reuse=True, prefix_reuse={"min_node_saving": 0}, **kwargs)
     loss_fn = actor_loss(entropy_coeff=0.01)
     ref_grads, ref_out = grads_of(stock, _system_prompt_batch(True), loss_fn)
     grads, out = grads_of(reuse, _system_prompt_batch(True), loss_fn)
     for name, ref in ref_grads.items():
         assert rel_err(grads[name], ref) <= GRAD_TOL, (name, rel_err(grads[name], ref))
     assert sum(out["loss"]) == pytest.approx(sum(ref_out["loss"]), rel=1e-5, abs=1e-7)
-    # the system prompt (24 tokens, all 8 rows), then uid-0's and uid-1's questions (cut before their
-    # last prompt token); uid-2's single row reads the system prompt only
+    # the system prompt (24 tokens, all 8 rows), then uid-0's and uid-1's questions with their
+    # responses' 3-token start; uid-2's single row reads the system prompt only
     assert out["metrics"]["prefix_reuse/groups"] == [3.0]
-    assert out["metrics"]["prefix_reuse/prefix_tokens"] == [24.0 + 4.0 + 5.0]
+    assert out["metrics"]["prefix_reuse/prefix_tokens"] == [24.0 + 5 + 3 + 6 + 3]
 
     def infer(worker):
         data = _system_prompt_batch(True)

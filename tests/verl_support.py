@@ -78,9 +78,11 @@ def make_batch(
     temperature: float = 1.0,
     critic=False,
     system_len: int = 0,
+    response_stem: int = 0,
 ):
     """A random mini-batch. groups: list of (prompt_len, [response lengths]), one uid each; with
-    `system_len`, every prompt opens with the same system prompt of that many tokens first."""
+    `system_len`, every prompt opens with the same system prompt of that many tokens first; with
+    `response_stem`, a group's responses open with the same that many tokens (a tree rollout)."""
     gen = torch.Generator().manual_seed(seed)
     system = torch.randint(0, VOCAB - 3, (system_len,), generator=gen) if system_len else None
     prompts, responses, uids = [], [], []
@@ -88,9 +90,12 @@ def make_batch(
         prompt = torch.randint(0, VOCAB - 3, (prompt_len,), generator=gen)
         if system is not None:
             prompt = torch.cat([system, prompt])
+        stem = torch.randint(0, VOCAB - 3, (response_stem,), generator=gen)
         for n in resp_lens:
             prompts.append(prompt)
-            responses.append(torch.randint(0, VOCAB - 3, (n,), generator=gen))
+            response = torch.randint(0, VOCAB - 3, (n,), generator=gen)
+            response[:response_stem] = stem[:n]
+            responses.append(response)
             uids.append(f"uid-{g}")
     if critic:
         extra = dict(

@@ -26,6 +26,7 @@ from .core.attention import check_backend
 from .core.config import ATTENTION_BACKENDS, PREFIX_ACTIVATION_MODES
 from .core.flops import FlopModel
 from .core.memory import available_bytes, current_bytes, exact_cpu_phase_peaks, phase_peak
+from .core.plan import make_plan
 from .dense import LOGITS, dense_forward_backward
 from .random_models import FAMILIES, SHAPES, model_config, random_model, shaped_config
 
@@ -57,7 +58,15 @@ class BenchConfig:
     dense_logits: str = opt("all", "dense baseline's lm_head: at all positions (as verl) or response only", LOGITS)
     attention: str = opt("auto", "the schedule's attention backend", ATTENTION_BACKENDS)
     prefix_activations: str = opt("keep", "dormant prefix activations during Phase B", PREFIX_ACTIVATION_MODES)
-    prefix_tree: bool = opt(False, "the schedule's prefix_tree: the system prompt once per batch, not once per group")
+    turns: int = opt(
+        1,
+        "agent trees: each response has this many turns; turn k < turns is shared by the group's rows in "
+        "2**(k-1) branches (the samples split in two at each turn), the last is each row's own suffix",
+    )
+    turn_len: int = opt(64, "tokens of each shared turn (with --turns > 1)")
+    prefix_tree: bool = opt(
+        True, "the schedule's prefix_tree: spans shared across groups and response turns once; false: one per group"
+    )
     forward_only: bool = opt(False, "time log-prob passes (no_grad) instead of training steps")
     engine: bool = opt(
         False,
@@ -79,8 +88,8 @@ class BenchConfig:
 
     @property
     def row_len(self) -> int:
-        """Tokens of every row: system prompt, prefix, last prompt token and response."""
-        return self.system_len + self.prefix_len + self.suffix_len
+        """Tokens of every row: system prompt, prefix, last prompt token, shared turns and its own part."""
+        return self.system_len + self.prefix_len + (self.turns - 1) * self.turn_len + self.suffix_len
 
     def schedule_config(self, max_tokens_per_micro_batch: int | None) -> PrefixReuseConfig:
         """The schedule's settings of this point."""
@@ -99,13 +108,25 @@ class BenchConfig:
             raise ValueError(f"--dtype={self.dtype!r}: use one of {', '.join(DTYPES)}.")
         if self.system_len < 0:
             raise ValueError(f"--system-len={self.system_len} must be >= 0.")
-        for name in ("prefix_len", "suffix_len", "group_size", "groups", "repeats", "max_tokens_per_micro_batch"):
+        positive = (
+            "prefix_len",
+            "suffix_len",
+            "group_size",
+            "groups",
+            "repeats",
+            "turns",
+            "max_tokens_per_micro_batch",
+        )
+
+        for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 1.")
         if self.model != "tiny" and self.model not in SHAPES:
             raise ValueError(f"--model={self.model!r}: use 'tiny' or one of {sorted(SHAPES)}.")
         if self.model == "tiny" and self.family not in FAMILIES:
             raise ValueError(f"--family={self.family!r}: use one of {', '.join(FAMILIES)}.")
+        if self.turns > 1 and self.turn_len < 1:
+            raise ValueError(f"--turn-len={self.turn_len} must be >= 1 with --turns={self.turns}.")
         if self.max_tokens_per_micro_batch < self.suffix_len:
             raise ValueError(
                 f"--max-tokens-per-micro-batch={self.max_tokens_per_micro_batch} is below --suffix-len="
@@ -215,18 +236,24 @@ def synthetic_groups(
     cfg: BenchConfig, vocab_size: int, groups: int | None = None
 ) -> tuple[list[torch.Tensor], list[int], list[str], list[torch.Tensor]]:
     """GRPO-shaped batch: `groups` prompts of system_len + prefix_len + 1 tokens (the system prompt the
-    same in all), `group_size` responses each."""
+    same in all), `group_size` responses each. With `turns` > 1 a response is an agent trajectory:
+    turn k < turns (`turn_len` tokens) is shared by the group's rows in 2**(k-1) branches, then each
+    row's own suffix_len - 1 tokens."""
     gen = torch.Generator().manual_seed(cfg.seed)
     system = torch.randint(0, vocab_size, (cfg.system_len,), generator=gen)
-    response_len = cfg.suffix_len - 1
+    own = cfg.suffix_len - 1
     rows, starts, uids, advantages = [], [], [], []
     for g in range(cfg.groups if groups is None else groups):
         prompt = torch.cat([system, torch.randint(0, vocab_size, (cfg.prefix_len + 1,), generator=gen)])
-        for _ in range(cfg.group_size):
-            rows.append(torch.cat([prompt, torch.randint(0, vocab_size, (response_len,), generator=gen)]))
+        branches = [min(2**k, cfg.group_size) for k in range(cfg.turns - 1)]
+        turns = [torch.randint(0, vocab_size, (n, cfg.turn_len), generator=gen) for n in branches]
+        for i in range(cfg.group_size):
+            shared = [turn[i * n // cfg.group_size] for turn, n in zip(turns, branches, strict=True)]
+            response = torch.cat([*shared, torch.randint(0, vocab_size, (own,), generator=gen)])
+            rows.append(torch.cat([prompt, response]))
             starts.append(len(prompt))
             uids.append(f"uid-{g}")
-            advantages.append(torch.randn(response_len, generator=gen))
+            advantages.append(torch.randn(len(response), generator=gen))
     return rows, starts, uids, advantages
 
 
@@ -252,18 +279,31 @@ def timed(fn: Callable[[], T], device: torch.device) -> tuple[float, T]:
 
 
 def batch_flop_bound(cfg: BenchConfig, model_config, dense_lm_head_all: bool) -> float:
-    """The FLOP bound of the bench's batch: training, or forward-only with `cfg.forward_only`."""
+    """The FLOP bound of the bench's batch under the schedule's plan of it: training, or forward-only
+    with `cfg.forward_only`. `dense_lm_head_all=False`: the dense side's lm_head at response positions."""
+    rows, starts, uids, _ = synthetic_groups(cfg, model_config.vocab_size)
+    config = cfg.schedule_config(cfg.max_tokens_per_micro_batch)
+    plan = make_plan(
+        rows,
+        starts,
+        uids,
+        config.max_tokens_per_micro_batch,
+        config.min_prefix_tokens,
+        tree=config.prefix_tree,
+        min_node_saving=config.min_node_saving,
+    )
+    spans, suffixes, readouts = plan.work([len(r) for r in rows], starts)
     flops = FlopModel.from_config(model_config)
-    shared = cfg.system_len + cfg.prefix_len
-    if cfg.prefix_tree and cfg.system_len:  # the system prompt once, each group's question once below it
-        spans = [(0, cfg.system_len)] + [(cfg.system_len, cfg.prefix_len)] * cfg.groups
-    else:
-        spans = [(0, shared)] * cfg.groups
-    suffixes = [(shared, cfg.suffix_len)] * (cfg.groups * cfg.group_size)
     if cfg.forward_only:
-        return flops.tree_forward_ratio(spans, suffixes)
-    recompute = cfg.prefix_activations == "recompute"
-    return flops.tree_training_ratio(spans, suffixes, recompute=recompute, dense_lm_head_all=dense_lm_head_all)
+        return flops.tree_forward_ratio(spans, suffixes, readouts)
+    return flops.tree_training_ratio(
+        spans,
+        suffixes,
+        recompute=cfg.prefix_activations == "recompute",
+        dense_lm_head_all=dense_lm_head_all,
+        readouts=readouts,
+        dense_lm_head_tokens=sum(len(r) - s for r, s in zip(rows, starts, strict=True)),
+    )
 
 
 def max_rel_diff(ours: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) -> float:
@@ -465,7 +505,7 @@ def format_result(res: BenchResult) -> str:
     lines = [
         f"model      {model}, {c.dtype} on {c.device}",
         f"batch      {c.groups} groups x G={c.group_size}, system {c.system_len}, prefix P={c.prefix_len}, "
-        f"suffix S={c.suffix_len}, "
+        f"{f'{c.turns - 1} shared turns of {c.turn_len}, ' if c.turns > 1 else ''}suffix S={c.suffix_len}, "
         f"budget {c.max_tokens_per_micro_batch} tokens/micro-batch",
         f"reuse      attention={c.attention} prefix_activations={c.prefix_activations} prefix_tree={c.prefix_tree}; "
         f"dense logits at {c.dense_logits} positions",

@@ -24,9 +24,10 @@ class PrefixReuseSettings(BaseConfig):
     """`prefix_reuse.*` keys.
 
     enable: run update, log-prob and value passes through the shared-prefix schedule.
-    attention / prefix_activations / min_prefix_tokens / prefix_tree: as in
+    attention / prefix_activations / min_prefix_tokens / prefix_tree / min_node_saving: as in
         `verl_prefix.core.PrefixReuseConfig` (prefix_tree: share every span several rows hold,
-        found from the tokens across uids, e.g. a system prompt common to all groups).
+        found from the tokens across uids: a system prompt common to all groups, shared turns and
+        response stems; false = one prefix per uid).
     verify_every: every k-th update also computes the dense gradient of the same mini-batch (no
         optimizer step from it) and reports `prefix_reuse/verify_max_grad_rel_diff` and
         `prefix_reuse/verify_speedup`; 0 = never.
@@ -44,7 +45,8 @@ class PrefixReuseSettings(BaseConfig):
     attention: str = "auto"
     prefix_activations: str = "keep"
     min_prefix_tokens: int = 1
-    prefix_tree: bool = False
+    prefix_tree: bool = True
+    min_node_saving: int = 256
     verify_every: int = 0
     router_aux_loss: bool = False
     router_aux_loss_coef: float | None = None
@@ -59,6 +61,7 @@ class PrefixReuseSettings(BaseConfig):
             prefix_activations=self.prefix_activations,
             min_prefix_tokens=self.min_prefix_tokens,
             prefix_tree=self.prefix_tree,
+            min_node_saving=self.min_node_saving,
             router_aux_loss=self.router_aux_loss,
             router_aux_loss_coef=self.router_aux_loss_coef,
         )
@@ -91,6 +94,7 @@ _CORE_FIELDS = (
     "prefix_activations",
     "min_prefix_tokens",
     "prefix_tree",
+    "min_node_saving",
     "router_aux_loss",
     "router_aux_loss_coef",
 )

@@ -94,7 +94,7 @@ class ScheduleStats:
     """
 
     rows: int = 0
-    groups: int = 0  # groups that share a prefix (run Phase A/C)
+    groups: int = 0  # shared spans (groups or tree nodes) that run Phase A/C; a node chained over passes counts once
     dense_rows: int = 0  # rows that share nothing and run as plain dense sequences
     micro_batches: int = 0
     prefix_chunks: int = 0  # Phase-A (and Phase-C) passes

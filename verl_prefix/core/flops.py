@@ -61,12 +61,14 @@ class FlopModel:
         pairs = suffix_len * prefix_len + suffix_len * (suffix_len + 1) / 2
         return suffix_len * (self.per_token + self.per_token_lm_head) + pairs * self.per_pair
 
-    def tree_forward_ratio(self, spans: Sequence[tuple[int, int]], suffixes: Sequence[tuple[int, int]]) -> float:
+    def tree_forward_ratio(
+        self, spans: Sequence[tuple[int, int]], suffixes: Sequence[tuple[int, int]], readouts: int = 0
+    ) -> float:
         """Dense/reuse forward-only FLOPs (log-probs) of the batch described as in
         `tree_training_ratio`: dense runs the lm_head at every position, as verl's engines do; reuse
-        over suffix tokens only."""
+        over suffix tokens and the spans' `readouts` positions."""
         dense = self.dense_forward([a + n for a, n in suffixes])
-        reuse = self._spans_forward(spans) + self._suffixes_forward(suffixes)
+        reuse = self._spans_forward(spans) + self._suffixes_forward(suffixes) + readouts * self.per_token_lm_head
         return dense / reuse if reuse else 1.0
 
     def tree_training_ratio(
@@ -76,19 +78,25 @@ class FlopModel:
         recompute: bool = False,
         prefix_lm_head: bool = False,
         dense_lm_head_all: bool = True,
+        readouts: int = 0,
+        dense_lm_head_tokens: int | None = None,
     ) -> float:
         """Dense/reuse training FLOPs: `spans` and `suffixes` are (tokens read above, tokens computed)
         per shared span (each computed once) and per row's suffix; a row's dense length is its
         suffix's sum. One prefix per group: spans that read nothing above (`training_ratio`).
 
-        `recompute` adds one more forward of every span (Phase C's). `prefix_lm_head=True` charges
-        the spans an lm_head too (the conservative figures quoted in docs/design.md); the schedule
-        itself skips it. `dense_lm_head_all=False` charges the dense side an lm_head over the suffix
-        positions only (a dense baseline that computes just the logits it reads).
+        `recompute` adds one more forward of every span (Phase C's). `readouts`: positions whose
+        lm_head the spans compute (shared response tokens' logits). `prefix_lm_head=True` charges
+        the spans an lm_head at every token (the conservative figures quoted in docs/design.md).
+        `dense_lm_head_all=False` charges the dense side an lm_head over `dense_lm_head_tokens`
+        positions only (default: the suffix tokens; a dense baseline computing just the logits it reads).
         """
-        head = None if dense_lm_head_all else sum(n for _, n in suffixes)
+        head = None
+        if not dense_lm_head_all:
+            head = sum(n for _, n in suffixes) if dense_lm_head_tokens is None else dense_lm_head_tokens
         dense = 3 * self.dense_forward([a + n for a, n in suffixes], head)
-        reuse = 3 * (self._spans_forward(spans, prefix_lm_head) + self._suffixes_forward(suffixes))
+        spans_head = 0.0 if prefix_lm_head else readouts * self.per_token_lm_head
+        reuse = 3 * (self._spans_forward(spans, prefix_lm_head) + spans_head + self._suffixes_forward(suffixes))
         if recompute:
             reuse += self._spans_forward(spans)
         return dense / reuse if reuse else 1.0

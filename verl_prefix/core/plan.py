@@ -77,6 +77,20 @@ class SchedulePlan:
                     starts[g] = first
         return starts
 
+    def work(
+        self, lengths: Sequence[int], response_start: Sequence[int]
+    ) -> tuple[list[tuple[int, int]], list[tuple[int, int]], int]:
+        """What the schedule computes, for the FLOP bound: every shared span once as (tokens read
+        above, tokens), every row's suffix as (tokens read above, tokens), and the positions whose
+        outputs the spans compute (`readout_starts`)."""
+        shared = [g for g in self.groups if g.prefix_len > 0]
+        spans = [(g.start, g.span) for g in shared]
+        suffixes = [
+            (self.groups[g].prefix_len, lengths[r] - self.groups[g].prefix_len) for r, g in self.row_groups().items()
+        ]
+        readouts = sum(self.groups[g].prefix_len - first for g, first in self.readout_starts(response_start).items())
+        return spans, suffixes, readouts
+
     def micro_batch_rows(self) -> list[tuple[int, ...]]:
         """Rows of each Phase-B micro-batch, in order (the partition a per-micro-batch loss sees)."""
         return [tuple(r for seg in mb for r in seg.rows) for mb in self.micro_batches]

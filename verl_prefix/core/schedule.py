@@ -83,7 +83,7 @@ def forward_backward(
     step = _start(model, input_ids, response_start, group_ids, config, runtime, readout, row_temperature, True)
     if not callable(loss_fn):
         raise ValueError("loss_fn must be callable as loss_fn(indices, log_probs) -> scalar tensor.")
-    stats = _new_stats(model, step.plan, step.rows, step.config)
+    stats = _new_stats(model, step.plan, step.rows, step.response_start, step.config)
     stats.padding_passes = (
         step.chunks - len(step.plan.prefix_chunks) + step.micro_batches - len(step.plan.micro_batches)
     )
@@ -642,28 +642,31 @@ def _restored_rng(device: torch.device, state: tuple) -> Iterator[None]:
 
 
 def _new_stats(
-    model: torch.nn.Module, plan: SchedulePlan, rows: Sequence[torch.Tensor], config: PrefixReuseConfig
+    model: torch.nn.Module,
+    plan: SchedulePlan,
+    rows: Sequence[torch.Tensor],
+    response_start: Sequence[int],
+    config: PrefixReuseConfig,
 ) -> ScheduleStats:
     shared = [g for g in plan.groups if g.prefix_len > 0]
-    # (tokens a pass reads above it, tokens it computes): every shared span once, every suffix once
-    spans = [(g.start, g.span) for g in shared]
-    suffixes = [
-        (plan.groups[g].prefix_len, len(rows[r]) - plan.groups[g].prefix_len) for r, g in plan.row_groups().items()
-    ]
+    spans, suffixes, readouts = plan.work([len(r) for r in rows], response_start)
     try:
         flops = FlopModel.from_config(model.config)
     except AttributeError:  # unknown config layout: count tokens only
         flops = FlopModel(per_token=1.0, per_token_lm_head=0.0, per_pair=0.0)
     return ScheduleStats(
         rows=len(rows),
-        groups=len(shared),
+        # tree nodes; a node longer than the token budget runs as a chain of groups (same rows): one
+        groups=sum(g.parent is None or plan.groups[g.parent].rows != g.rows for g in shared),
         dense_rows=len(plan.groups) - len(shared),
         micro_batches=len(plan.micro_batches),
         prefix_chunks=len(plan.prefix_chunks),
         prefix_tokens=sum(n for _, n in spans),
         suffix_tokens=sum(n for _, n in suffixes),
         dense_tokens=sum(len(r) for r in rows),
-        flop_bound=flops.tree_training_ratio(spans, suffixes, recompute=config.prefix_activations == "recompute"),
+        flop_bound=flops.tree_training_ratio(
+            spans, suffixes, recompute=config.prefix_activations == "recompute", readouts=readouts
+        ),
     )
 
 

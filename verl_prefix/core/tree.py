@@ -13,6 +13,7 @@ one scan per tree level. Pure bookkeeping, no model.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -129,20 +130,47 @@ def _topological(nodes: list[TreeNode], row_node: list[int | None]) -> PrefixTre
 def without_small_nested_nodes(tree: PrefixTree, min_saving: int) -> PrefixTree:
     """`tree` without the nested nodes (ones with a parent or a child) that save fewer than
     `min_saving` token computations (span x (rows - 1)): a nested node costs one more model pass
-    per phase, so its tokens are computed by the nodes (or rows) below it instead. Nodes alone at
-    their level (a group's one prefix) are kept whatever they save."""
-    has_child = {node.parent for node in tree.nodes}
-    nodes: list[TreeNode] = []
-    alias: dict[int, int | None] = {}  # old node -> the new node its rows read (itself, or above)
-    child_start: dict[int, int] = {}  # old node -> where its children's span starts
-    for k, node in enumerate(tree.nodes):  # parents first
-        parent = None if node.parent is None else alias[node.parent]
-        start = node.start if node.parent is None else child_start[node.parent]
-        nested = parent is not None or k in has_child
-        if nested and (node.end - start) * (len(node.rows) - 1) < min_saving:
-            alias[k], child_start[k] = parent, start
-        else:
-            nodes.append(TreeNode(parent, start, node.end, node.rows))
-            alias[k], child_start[k] = len(nodes) - 1, node.end
-    row_node = tuple(None if k is None else alias[k] for k in tree.row_node)
-    return PrefixTree(tuple(nodes), row_node)
+    per phase. The least saving goes first; its children take over its span (and its parent), its
+    rows read its parent. A node with neither parent nor child (a group's one prefix) stays."""
+    nodes = tree.nodes
+    parent = [node.parent for node in nodes]
+    start = [node.start for node in nodes]
+    children: list[set[int]] = [set() for _ in nodes]
+    for k, p in enumerate(parent):
+        if p is not None:
+            children[p].add(k)
+
+    def saving(k: int) -> int:
+        return (nodes[k].end - start[k]) * (len(nodes[k].rows) - 1)
+
+    removed: dict[int, int | None] = {}  # node -> the node its rows read instead (maybe removed too)
+    heap = [(saving(k), k) for k in range(len(nodes))]
+    heapq.heapify(heap)
+    while heap and heap[0][0] < min_saving:
+        key, k = heapq.heappop(heap)
+        if key != saving(k):  # its span grew since (a removed parent's tokens): queue it anew
+            heapq.heappush(heap, (saving(k), k))
+            continue
+        if parent[k] is None and not children[k]:  # alone on its rows' paths; stays so
+            continue
+        for c in children[k]:
+            parent[c], start[c] = parent[k], start[k]
+        if parent[k] is not None:
+            children[parent[k]].discard(k)
+            children[parent[k]] |= children[k]
+        removed[k] = parent[k]
+
+    def kept(k: int | None) -> int | None:
+        while k is not None and k in removed:
+            k = removed[k]
+        return k
+
+    index: dict[int, int] = {}
+    out: list[TreeNode] = []
+    for k, node in enumerate(nodes):  # ancestors come first, so their new indices exist
+        if k not in removed:
+            index[k] = len(out)
+            p = parent[k]
+            out.append(TreeNode(None if p is None else index[p], start[k], node.end, node.rows))
+    row_node = tuple(None if kept(k) is None else index[kept(k)] for k in tree.row_node)
+    return PrefixTree(tuple(out), row_node)
