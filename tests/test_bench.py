@@ -61,13 +61,25 @@ def test_engine_peer_is_verl_stock_engine_on_the_same_mini_batch(forward_only):
 
 
 def test_tree_workload_shares_the_system_prompt_once():
-    """--system-len: every group's prompt starts with it; --prefix-tree true runs it once per batch,
-    which the FLOP bound credits (a larger bound than one prefix per group) and the gradient
-    still equals dense."""
-    one_level = run_bench(BenchConfig(**SMALL, repeats=1, max_tokens_per_micro_batch=64, system_len=32))
-    tree = run_bench(BenchConfig(**SMALL, repeats=1, max_tokens_per_micro_batch=64, system_len=32, prefix_tree=True))
+    """--system-len: every group's prompt starts with it; the prefix tree (the default) runs it once
+    per batch, which the FLOP bound credits (a larger bound than one prefix per group,
+    --prefix-tree false) and the gradient still equals dense."""
+    # the system prompt over 2 groups saves 300 x (2 - 1) tokens, over the default min_node_saving
+    small = dict(SMALL, repeats=1, max_tokens_per_micro_batch=400, system_len=300)
+    one_level = run_bench(BenchConfig(**small, prefix_tree=False))
+    tree = run_bench(BenchConfig(**small))
     assert one_level.max_grad_rel_diff < 1e-4 and tree.max_grad_rel_diff < 1e-4  # fp32
     assert tree.flop_bound > one_level.flop_bound > 1.5
+
+
+def test_agent_turns_are_shared_by_their_branches():
+    """--turns 3: the group's rows share turn 1, then two branches share turn 2; the tree runs each
+    once (one-level reuse shares the prompt only), the gradient still equals dense."""
+    small = dict(SMALL, repeats=1, group_size=8, max_tokens_per_micro_batch=128, turns=3, turn_len=40)
+    one_level = run_bench(BenchConfig(**small, prefix_tree=False))
+    tree = run_bench(BenchConfig(**small))
+    assert one_level.max_grad_rel_diff < 1e-4 and tree.max_grad_rel_diff < 1e-4  # fp32
+    assert tree.flop_bound > 1.5 * one_level.flop_bound
 
 
 def test_sequence_parallel_point_runs_both_sides_on_the_group():

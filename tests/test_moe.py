@@ -23,9 +23,10 @@ TOL = 1e-10
 GROUPS = [(5, 13, [3, 6, 2, 4, 5]), (3, 8, [2, 7, 3]), (1, 9, [4])]
 
 
-def partition(batch, budget):
+def partition(batch, budget, min_node_saving=PrefixReuseConfig.min_node_saving):
     """The schedule's suffix micro-batches, as row lists (what the dense reference batches)."""
-    plan = make_plan(batch.input_ids, batch.response_start, batch.group_ids, budget, 1)
+    ids, starts, uids = batch.input_ids, batch.response_start, batch.group_ids
+    plan = make_plan(ids, starts, uids, budget, 1, tree=True, min_node_saving=min_node_saving)
     return [list(rows) for rows in plan.micro_batch_rows()]
 
 
@@ -64,6 +65,31 @@ def test_aux_loss_and_every_gradient_match_dense(mode, budget):
         assert errs[name] <= TOL, (name, errs[name])
     gate_err = max(errs[n] for n in gates)
     print(f"max aux rel err {aux_err:.2e}; max grad rel err {max(errs.values()):.2e} (gates {gate_err:.2e})")
+
+
+@pytest.mark.parametrize("mode", ["keep", "recompute"])
+def test_aux_loss_counts_every_span_of_a_tree_once_per_row(mode):
+    """Nested spans (a system prompt over the groups, shared response stems, duplicate rows): each
+    span's router statistics enter every micro-batch once per row of it that reads the span."""
+    from test_tree import _shared_response_batch
+
+    model = build("qwen3_moe", torch.float64)
+    batch = _shared_response_batch()
+    micro_batches = partition(batch, 16, min_node_saving=0)
+    ref, ref_aux = dense_moe_grads(model, batch, micro_batches, COEF)
+    config = PrefixReuseConfig(
+        max_tokens_per_micro_batch=16,
+        prefix_activations=mode,
+        min_node_saving=0,
+        router_aux_loss=True,
+        router_aux_loss_coef=COEF,
+    )
+    grads, stats = reuse_grads(model, batch, config)
+    assert stats.groups == 6 and stats.micro_batches == len(micro_batches) > 1
+    for a, b in zip(stats.router_aux_losses, ref_aux, strict=True):
+        assert abs(a - b) <= 1e-13 * abs(b), (stats.router_aux_losses, ref_aux)
+    for name, g in ref.items():
+        assert rel_err(grads[name], g) <= TOL, name
 
 
 def test_aux_loss_is_in_the_gradient():

@@ -92,24 +92,27 @@ def test_nested_nodes_that_save_little_are_left_to_the_nodes_below():
     from verl_prefix.core.tree import without_small_nested_nodes
 
     template, resp = [7, 7, 7], [50, 51]
-    prompts = [template + [10 + g] * 20 for g in range(2)]  # two groups' prompts open with 3 common tokens
-    rows = [torch.tensor(prompts[g] + [resp[i], 60 + 2 * g + i]) for g in range(2) for i in range(2)]
-    limit = [len(r) - 1 for r in rows]
-    tree = build_prefix_tree(rows, limit)
-    assert [(n.parent, n.start, n.end) for n in tree.nodes] == [(None, 0, 3), (0, 3, 23), (0, 3, 23)]
-    # the template saves 3 x 3 tokens: its rows' group nodes compute it; each group's prompt is then
-    # alone at its level and stays (one prefix per group, as without a tree)
-    small = without_small_nested_nodes(tree, min_saving=10)
-    assert [(n.parent, n.start, n.end, n.rows) for n in small.nodes] == [(None, 0, 23, (0, 1)), (None, 0, 23, (2, 3))]
-    assert small.row_node == (0, 0, 1, 1)
-    assert without_small_nested_nodes(tree, min_saving=9) == tree  # 3 x 3 = 9 saved: kept
-    # a nested node below a kept one: its rows read the node above
+    prompts = [template + [10 + g] * 20 for g in range(3)]  # three groups' prompts open with 3 common tokens
+    rows = [torch.tensor(prompts[g] + [resp[i], 60 + 2 * g + i]) for g in range(3) for i in range(2)]
+    tree = build_prefix_tree(rows, [len(r) - 1 for r in rows])
+    assert [(n.parent, n.start, n.end) for n in tree.nodes] == [(None, 0, 3)] + [(0, 3, 23)] * 3
+    # without the template's node each group's node computes its 3 tokens: 3 x (3 - 1) more; each
+    # group's node is then alone on its rows' paths and stays (one prefix per group, as without a tree)
+    small = without_small_nested_nodes(tree, min_saving=7)
+    assert [(n.parent, n.start, n.end, n.rows) for n in small.nodes] == [
+        (None, 0, 23, (0, 1)),
+        (None, 0, 23, (2, 3)),
+        (None, 0, 23, (4, 5)),
+    ]
+    assert small.row_node == (0, 0, 1, 1, 2, 2)
+    assert without_small_nested_nodes(tree, min_saving=6) == tree  # 3 x 2 = 6 saved: kept
+    # a node below a kept one, read by its two rows (a 3-token stem): they compute it themselves
     rows = [torch.tensor(prompts[0] + [50, 51, 52, x]) for x in (1, 2)] + [torch.tensor(prompts[0] + [60, 61])]
     tree = build_prefix_tree(rows, [len(r) - 1 for r in rows])
     assert [(n.parent, n.start, n.end) for n in tree.nodes] == [(None, 0, 23), (0, 23, 26)]
-    small = without_small_nested_nodes(tree, min_saving=4)
-    assert [(n.parent, n.start, n.end) for n in small.nodes] == [(None, 0, 23)]
-    assert small.row_node == (0, 0, 0)
+    assert without_small_nested_nodes(tree, min_saving=4).nodes == tree.nodes[:1]
+    assert without_small_nested_nodes(tree, min_saving=4).row_node == (0, 0, 0)
+    assert without_small_nested_nodes(tree, min_saving=3) == tree
 
 
 @settings(max_examples=200, deadline=None)

@@ -35,9 +35,10 @@ class PrefixReuseConfig:
             computed once and read by every row holding them. A prefix tree, run top-down in Phase A
             and bottom-up in Phase C. False = one prefix per group id, prompt tokens only.
         min_node_saving: in a tree, a nested node (one with a parent or a child) must save at least
-            this many token computations (tokens x (rows - 1)); each tree level costs one more
-            Phase-A and Phase-C pass over the model, so smaller spans are computed by the nodes or
-            rows below them. A group's one prefix is never dropped by this rule.
+            this many token computations (its tokens x (its readers - 1), readers: the child nodes
+            and rows that read it directly); each tree level costs one more Phase-A and Phase-C
+            pass over the model, so smaller spans are computed by the nodes or rows below them. A
+            group's one prefix is never dropped by this rule.
         temperature: logits are divided by it before log-softmax, as verl does.
         router_aux_loss: MoE only. Add, per suffix micro-batch, coef x transformers'
             `load_balancing_loss_func` of the dense micro-batch made of the same rows (prefix tokens

@@ -128,37 +128,45 @@ def _topological(nodes: list[TreeNode], row_node: list[int | None]) -> PrefixTre
 
 
 def without_small_nested_nodes(tree: PrefixTree, min_saving: int) -> PrefixTree:
-    """`tree` without the nested nodes (ones with a parent or a child) that save fewer than
-    `min_saving` token computations (span x (rows - 1)): a nested node costs one more model pass
-    per phase. The least saving goes first; its children take over its span (and its parent), its
-    rows read its parent. A node with neither parent nor child (a group's one prefix) stays."""
+    """`tree` without the nested nodes (ones with a parent or a child) whose pass saves fewer than
+    `min_saving` token computations: without the node its span would run once in each of its
+    consumers (child nodes and rows whose deepest node it is), so it saves span x (consumers - 1).
+    A nested node costs one more model pass per phase. The least saving goes first; its children
+    take over its span (and its parent), its rows read its parent; savings above only grow. A node
+    with neither parent nor child (a group's one prefix) stays."""
     nodes = tree.nodes
     parent = [node.parent for node in nodes]
     start = [node.start for node in nodes]
     children: list[set[int]] = [set() for _ in nodes]
+    rows_here = [0] * len(nodes)  # rows whose deepest node it is
     for k, p in enumerate(parent):
         if p is not None:
             children[p].add(k)
+    for k in tree.row_node:
+        if k is not None:
+            rows_here[k] += 1
 
     def saving(k: int) -> int:
-        return (nodes[k].end - start[k]) * (len(nodes[k].rows) - 1)
+        return (nodes[k].end - start[k]) * (len(children[k]) + rows_here[k] - 1)
 
     removed: dict[int, int | None] = {}  # node -> the node its rows read instead (maybe removed too)
     heap = [(saving(k), k) for k in range(len(nodes))]
     heapq.heapify(heap)
     while heap and heap[0][0] < min_saving:
         key, k = heapq.heappop(heap)
-        if key != saving(k):  # its span grew since (a removed parent's tokens): queue it anew
+        if key != saving(k):  # it gained span or consumers since: queue it anew
             heapq.heappush(heap, (saving(k), k))
             continue
         if parent[k] is None and not children[k]:  # alone on its rows' paths; stays so
             continue
+        p = parent[k]
         for c in children[k]:
-            parent[c], start[c] = parent[k], start[k]
-        if parent[k] is not None:
-            children[parent[k]].discard(k)
-            children[parent[k]] |= children[k]
-        removed[k] = parent[k]
+            parent[c], start[c] = p, start[k]
+        if p is not None:
+            children[p].discard(k)
+            children[p] |= children[k]
+            rows_here[p] += rows_here[k]
+        removed[k] = p
 
     def kept(k: int | None) -> int | None:
         while k is not None and k in removed:
@@ -170,7 +178,6 @@ def without_small_nested_nodes(tree: PrefixTree, min_saving: int) -> PrefixTree:
     for k, node in enumerate(nodes):  # ancestors come first, so their new indices exist
         if k not in removed:
             index[k] = len(out)
-            p = parent[k]
-            out.append(TreeNode(None if p is None else index[p], start[k], node.end, node.rows))
+            out.append(TreeNode(None if parent[k] is None else index[parent[k]], start[k], node.end, node.rows))
     row_node = tuple(None if kept(k) is None else index[kept(k)] for k in tree.row_node)
     return PrefixTree(tuple(out), row_node)
