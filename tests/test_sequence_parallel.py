@@ -40,10 +40,15 @@ def _core_case(case: dict, sp_group) -> dict:
         model = build(case["kind"])
     if case.get("checkpointing") is not None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": case["checkpointing"]})
-    batch = make_batch(CORE_GROUPS, seed=1)
+    config = PrefixReuseConfig(attention=case["attention"], max_tokens_per_micro_batch=24)
+    if case.get("batch") == "shared_responses":  # tree rollouts and multi-turn rows, every node kept
+        from test_tree import _shared_response_batch
+
+        batch, config.min_node_saving = _shared_response_batch(), 0
+    else:
+        batch = make_batch(CORE_GROUPS, seed=1)
     rows, starts, gids = batch.input_ids, batch.response_start, batch.group_ids
     runtime = ScheduleRuntime(sequence_parallel=sequence_parallel(sp_group))
-    config = PrefixReuseConfig(attention=case["attention"], max_tokens_per_micro_batch=24)
     if case["readout"] == "values":
         values = compute_values(model, rows, starts, gids, config, runtime=runtime)
         with torch.no_grad():
@@ -182,9 +187,15 @@ CORE_CASES = {
         dict(kind="qwen3_tied", attention="merged", readout="log_probs"),
         dict(kind="qwen3_moe", attention="merged", readout="log_probs"),
         dict(kind="qwen3", attention="merged", readout="values"),
+        # shared response tokens: the nodes' read-outs gathered over the ranks' slices
+        dict(kind="llama", attention="merged", readout="log_probs", checkpointing=False, batch="shared_responses"),
+        dict(kind="qwen3", attention="merged", readout="values", batch="shared_responses"),
     ],
     # 4 ranks and 2 KV heads: each KV head is repeated (as verl does) so that every rank gets one
-    4: [dict(kind="qwen3", attention="merged", readout="log_probs", checkpointing=False)],
+    4: [
+        dict(kind="qwen3", attention="merged", readout="log_probs", checkpointing=False),
+        dict(kind="qwen3", attention="sdpa", readout="log_probs", batch="shared_responses"),
+    ],
 }
 # engine cases per world size: name -> (sp, critic); dp = world / sp
 ENGINE_CASES = {
@@ -218,7 +229,7 @@ def test_core_matches_dense_fp64(group_run):
         if case["readout"] == "values":
             assert errs["values"] <= FP64_TOL, (case, errs)
             continue
-        assert errs["groups"] == 2, case
+        assert errs["groups"] == (6 if case.get("batch") == "shared_responses" else 2), case
         for key in ("grads", "loss_fn_log_probs", "log_probs", "entropies"):
             assert errs[key] <= FP64_TOL, (case, key, errs)
     refusals = [r["refusal"] for r in ranks]

@@ -569,7 +569,7 @@ def _local_keep(
 def _gather_kept(sp: SequenceParallel, local_values: torch.Tensor, kept_per_rank: list[int]) -> torch.Tensor:
     """All ranks' per-kept-token outputs in global order (dim 0): each rank computed the kept tokens
     of its slice (`kept_per_rank[r]` of them on rank r); padded to the largest count and gathered."""
-    width = max(kept_per_rank)
+    width = max(1, *kept_per_rank)  # a pass may read out nothing (rows whose outputs nodes hold): gather 1
     pad = local_values.new_zeros((width - len(local_values), *local_values.shape[1:]))
     gathered = sp.gather(torch.cat([local_values, pad]), 0)  # [size * width, ...]; backward: this rank's slice
     real = torch.arange(width)[None] < torch.tensor(kept_per_rank)[:, None]
