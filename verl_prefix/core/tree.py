@@ -17,6 +17,7 @@ import heapq
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -75,13 +76,20 @@ def build_prefix_tree(input_ids: Sequence[torch.Tensor], limit: Sequence[int], m
     n = len(input_ids)
     # each row's shareable tokens, sorted: rows that can share are neighbours, and the common
     # shareable prefix of a sorted run is the minimum of its neighbours' (the order of strings)
-    shareable = [r[: max(0, int(m))] for r, m in zip(input_ids, limit, strict=True)]
-    keys = [tuple(r.tolist()) for r in shareable]
+    lengths = [max(0, min(int(m), len(r))) for r, m in zip(input_ids, limit, strict=True)]
+    # one host copy; big-endian bytes of non-negative ids sort as the token sequences do (memcmp)
+    flat = torch.cat([r[:k] for r, k in zip(input_ids, lengths, strict=True)]).cpu().numpy().astype(">i8")
+    ends = np.cumsum(lengths)
+    shareable = [flat[e - k : e] for e, k in zip(ends.tolist(), lengths, strict=True)]
+    keys = [r.tobytes() for r in shareable]
     order = sorted(range(n), key=keys.__getitem__)
     # shared[i]: tokens rows order[i - 1] and order[i] can share
     shared = [0] * n
     for i in range(1, n):
-        shared[i] = common_prefix_len([shareable[order[i - 1]], shareable[order[i]]])
+        a, b = shareable[order[i - 1]], shareable[order[i]]
+        k = min(len(a), len(b))
+        mismatch = np.flatnonzero(a[:k] != b[:k])
+        shared[i] = int(mismatch[0]) if len(mismatch) else k
     nodes: list[TreeNode] = []
     row_node: list[int | None] = [None] * n
     # (lo, hi, start, depth, parent): rows order[lo:hi] share `depth` tokens; `parent` (their deepest
