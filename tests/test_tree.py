@@ -261,9 +261,11 @@ def test_shared_response_tokens_match_dense_fp64(mode, checkpointing):
     assert stats.prefix_tokens == 14 + 4 + 2 + 2 + 12 + 6
 
 
-def test_shared_response_outputs_entropies_temperatures_and_values():
-    """Log-probs and entropies at per-row temperatures, the entropy bonus's gradient, and a value
-    model's values and gradients, each against dense, on rows sharing response tokens."""
+@pytest.mark.parametrize("per_row", [True, False])
+def test_shared_response_outputs_entropies_temperatures_and_values(per_row):
+    """Log-probs and entropies at per-row temperatures (or one temperature: each shared position's
+    normaliser computed once for all its readers), the entropy bonus's gradient, and a value model's
+    values and gradients, each against dense, on rows sharing response tokens."""
     from dense_reference import dense_values, rel_err
     from test_equivalence import FP64_TOL
     from tiny_models import build, build_value_model
@@ -271,11 +273,12 @@ def test_shared_response_outputs_entropies_temperatures_and_values():
     from verl_prefix.core import PrefixReuseConfig, compute_log_probs, compute_values, forward_backward
 
     batch = _shared_response_batch(seed=2)
-    config = PrefixReuseConfig(max_tokens_per_micro_batch=16, min_node_saving=0)
-    temps = [0.5, 0.9, 1.3, 2.0, 0.7, 1.1, 0.8, 1.0, 1.6]
+    temps = [0.5, 0.9, 1.3, 2.0, 0.7, 1.1, 0.8, 1.0, 1.6] if per_row else [0.7] * 9
+    row_temperature = temps if per_row else None
+    config = PrefixReuseConfig(max_tokens_per_micro_batch=16, min_node_saving=0, temperature=temps[0])
     model = build("qwen3")
     lps, ents = compute_log_probs(
-        model, batch.input_ids, batch.response_start, batch.group_ids, config, True, row_temperature=temps
+        model, batch.input_ids, batch.response_start, batch.group_ids, config, True, row_temperature=row_temperature
     )
 
     def dense_outputs(i):
@@ -300,9 +303,11 @@ def test_shared_response_outputs_entropies_temperatures_and_values():
         )
 
     ids, starts, uids = batch.input_ids, batch.response_start, batch.group_ids
-    forward_backward(model, ids, starts, uids, loss_fn, config, row_temperature=temps, loss_entropy=True)
+    forward_backward(model, ids, starts, uids, loss_fn, config, row_temperature=row_temperature, loss_entropy=True)
     for n, p in model.named_parameters():
         assert rel_err(p.grad, ref[n]) <= FP64_TOL, n
+    if not per_row:
+        return
 
     critic = build_value_model("qwen3")
     ref_values = dense_values(critic, batch)

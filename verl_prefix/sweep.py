@@ -176,7 +176,7 @@ def _ms(median: float, times: Sequence[float]) -> str:
 def format_table(results: Sequence[BenchResult]) -> str:
     """One line per point: the figures docs/benchmarks.md records."""
     head = (
-        "| system | P | S | G | tree | attention | activations | dense ms | reuse ms | speedup | bound | eff. "
+        "| system | P | turns | S | G | tree | attention | activations | dense ms | reuse ms | speedup | bound | eff. "
         "| grad diff | dense MiB | A / B / C MiB | B saving | capacity | verl stock ms | verl reuse ms | engines |"
     )
     # ms columns: median (min-max of the repeats); a trailing * marks a noisy point
@@ -193,7 +193,8 @@ def format_table(results: Sequence[BenchResult]) -> str:
             else "- | - | -"
         )
         lines.append(
-            f"| {c.system_len} | {c.prefix_len} | {c.suffix_len} | {c.group_size} | {c.prefix_tree} "
+            f"| {c.system_len} | {c.prefix_len} | {f'{c.turns - 1}x{c.turn_len}' if c.turns > 1 else '-'} "
+            f"| {c.suffix_len} | {c.group_size} | {c.prefix_tree} "
             f"| {c.attention} | {c.prefix_activations} "
             f"| {_ms(r.dense_seconds, r.dense_times)} | {_ms(r.reuse_seconds, r.reuse_times)} "
             f"| {r.speedup:.2f}x{'*' if r.noisy else ''} | {r.flop_bound:.2f}x "

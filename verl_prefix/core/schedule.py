@@ -16,6 +16,7 @@ passes where it has fewer), so FSDP collectives stay matched across data-paralle
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 import zlib
 from collections.abc import Callable, Hashable, Iterator, Sequence
@@ -62,8 +63,10 @@ def forward_backward(
             (gradient checkpointing, reentrant or not, is supported).
         input_ids: one 1-D unpadded LongTensor per trajectory (prompt + response).
         response_start: index of each row's first response token, 1 <= response_start[i] < len(row).
-        group_ids: rows with equal ids may share a prefix (verl's uid); the prefix actually shared is
-            the longest common token prefix of the group, cut before every member's last prompt token.
+        group_ids: verl's uid per row. With `config.prefix_tree` (the default) what is shared is found
+            from the tokens across ids (a prefix tree: system prompts, prompts, shared turns and
+            response stems); with prefix_tree=False rows with equal ids share their longest common
+            token prefix, cut before every member's last prompt token.
         loss_fn: called once per micro-batch as loss_fn(indices, log_probs); log_probs[k] is the 1-D
             tensor of log p(token t | tokens < t) over row indices[k]'s response tokens, logits divided
             by config.temperature. Returns a scalar that is backpropagated.
@@ -391,7 +394,9 @@ def _suffix_forward(
     (`step.node_outputs`), then its own. With `router_out`, append the micro-batch's per-layer
     router logits to it."""
     blocks, ids, positions, keep, labels, indices, counts = [], [], [], [], [], [], []
-    shared, shared_labels, shared_counts = [], [], []  # read-outs of nodes above, per row
+    # read-outs of nodes above, per row: (chunk, first row, end row) of the chunk's read-outs
+    shared: list[tuple[int, int, int]] = []
+    shared_labels, shared_counts = [], []
     offset = 0
     rows, device = step.rows, step.device
     for seg in segments:
@@ -413,7 +418,7 @@ def _suffix_forward(
             for a, (chunk, row0, first) in above:
                 lo, hi = max(first, start - 1), step.plan.groups[a].prefix_len
                 if lo < hi:
-                    shared.append(step.node_outputs[chunk][row0 + lo - first : row0 + hi - first])
+                    shared.append((chunk, row0 + lo - first, row0 + hi - first))
                     shared_labels.append(rows[r][lo + 1 : hi + 1])
                     read += hi - lo
             shared_counts.append(read)
@@ -429,8 +434,8 @@ def _suffix_forward(
         if step.sp is not None:
             values = _gather_kept(step.sp, values, kept_per_rank)
         if shared:
-            values = _join(torch.cat(shared).to(values.dtype), shared_counts, values, counts)
-            return indices, values, None
+            read = torch.cat([step.node_outputs[c][a:b] for c, a, b in shared]).to(values.dtype)
+            return indices, _join(read, shared_counts, values, counts), None
         return indices, list(values.split(counts)), None
     if router_out is not None:
         output = step.model(**inputs, logits_to_keep=keep_idx, output_router_logits=True)
@@ -447,8 +452,8 @@ def _suffix_forward(
         if entropies is not None:
             entropies = _gather_kept(step.sp, entropies, kept_per_rank)
     if shared:  # every row reads the shared outputs above it with its own label and temperature
-        shared_lp, shared_ent = token_log_probs(
-            torch.cat(shared), torch.cat(shared_labels), _temperatures(step, indices, shared_counts), entropy
+        shared_lp, shared_ent = _shared_log_probs(
+            step, shared, torch.cat(shared_labels), indices, shared_counts, entropy
         )
         log_probs = _join(shared_lp, shared_counts, log_probs, counts)
         if entropies is not None:
@@ -459,6 +464,39 @@ def _suffix_forward(
         list(log_probs.split(counts)),
         list(entropies.split(counts)) if entropies is not None else None,
     )
+
+
+def _shared_log_probs(
+    step: _Step,
+    pieces: list[tuple[int, int, int]],
+    labels: torch.Tensor,
+    indices: list[int],
+    counts: list[int],
+    entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (and entropies) of `labels` at the read-out rows `pieces` ((chunk, start, end) of
+    `step.node_outputs`; rows `indices[k]` read `counts[k]` of them in turn). Under one temperature
+    each read-out row's log-normaliser (and entropy) is computed once however many rows read it, so
+    the work and memory are those of the distinct positions; the leaf's gradient sums every
+    reader's. Per-row temperatures: each row's share computed on its own."""
+    if step.row_temperature is not None:
+        rows = torch.cat([step.node_outputs[c][a:b] for c, a, b in pieces])
+        return token_log_probs(rows, labels, _temperatures(step, indices, counts), entropy)
+    chunks = sorted({c for c, _, _ in pieces})
+    starts = list(itertools.accumulate([0] + [len(step.node_outputs[c]) for c in chunks]))
+    base = dict(zip(chunks, starts, strict=False))  # the chunks' read-outs, numbered one after another
+    positions = torch.cat([torch.arange(base[c] + a, base[c] + b, device=step.device) for c, a, b in pieces])
+    distinct, reader = torch.unique(positions, return_inverse=True)  # sorted, so chunk by chunk
+    per_chunk = torch.tensor_split(distinct, torch.searchsorted(distinct, distinct.new_tensor(starts[1:-1])).tolist())
+    logits = torch.cat([step.node_outputs[c][rows - base[c]] for c, rows in zip(chunks, per_chunk, strict=True)])
+    if step.config.temperature != 1.0:
+        logits = logits / step.config.temperature
+    lse = torch.logsumexp(logits, dim=-1)
+    log_probs = logits[reader, labels] - lse[reader]
+    if not entropy:
+        return log_probs, None
+    ent = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    return log_probs, ent[reader]
 
 
 def _temperatures(step: _Step, indices: list[int], counts: list[int]) -> float | torch.Tensor:
