@@ -14,7 +14,7 @@ from dense_reference import dense_grads, dense_moe_grads, make_batch, rel_err
 from tiny_models import build
 
 from verl_prefix.core import PrefixReuseConfig, forward_backward
-from verl_prefix.core.plan import make_plan
+from verl_prefix.core.plan import schedule_plan
 
 COEF = 0.37
 TOL = 1e-10
@@ -25,8 +25,8 @@ GROUPS = [(5, 13, [3, 6, 2, 4, 5]), (3, 8, [2, 7, 3]), (1, 9, [4])]
 
 def partition(batch, budget, min_node_saving=PrefixReuseConfig.min_node_saving):
     """The schedule's suffix micro-batches, as row lists (what the dense reference batches)."""
-    ids, starts, uids = batch.input_ids, batch.response_start, batch.group_ids
-    plan = make_plan(ids, starts, uids, budget, 1, tree=True, min_node_saving=min_node_saving)
+    config = PrefixReuseConfig(max_tokens_per_micro_batch=budget, min_node_saving=min_node_saving)
+    plan = schedule_plan(batch.input_ids, batch.response_start, batch.group_ids, config)
     return [list(rows) for rows in plan.micro_batch_rows()]
 
 

@@ -26,7 +26,7 @@ from .core.attention import check_backend
 from .core.config import ATTENTION_BACKENDS, PREFIX_ACTIVATION_MODES
 from .core.flops import FlopModel
 from .core.memory import available_bytes, current_bytes, exact_cpu_phase_peaks, phase_peak
-from .core.plan import make_plan
+from .core.plan import schedule_plan
 from .dense import LOGITS, dense_forward_backward
 from .random_models import FAMILIES, SHAPES, model_config, random_model, shaped_config
 
@@ -282,16 +282,7 @@ def batch_flop_bound(cfg: BenchConfig, model_config, dense_lm_head_all: bool) ->
     """The FLOP bound of the bench's batch under the schedule's plan of it: training, or forward-only
     with `cfg.forward_only`. `dense_lm_head_all=False`: the dense side's lm_head at response positions."""
     rows, starts, uids, _ = synthetic_groups(cfg, model_config.vocab_size)
-    config = cfg.schedule_config(cfg.max_tokens_per_micro_batch)
-    plan = make_plan(
-        rows,
-        starts,
-        uids,
-        config.max_tokens_per_micro_batch,
-        config.min_prefix_tokens,
-        tree=config.prefix_tree,
-        min_node_saving=config.min_node_saving,
-    )
+    plan = schedule_plan(rows, starts, uids, cfg.schedule_config(cfg.max_tokens_per_micro_batch))
     spans, suffixes, readouts = plan.work([len(r) for r in rows], starts)
     flops = FlopModel.from_config(model_config)
     if cfg.forward_only:

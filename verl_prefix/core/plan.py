@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import PrefixReuseConfig
 from .tree import build_prefix_tree, common_prefix_len, path_to, without_small_nested_nodes
 
 
@@ -221,3 +222,21 @@ def make_plan(
         nodes = [(g, grp.span) for g, grp in enumerate(groups) if grp.prefix_len > 0 and depth[g] == level]
         chunks += pack_in_order(nodes, max_tokens_per_micro_batch)
     return SchedulePlan(tuple(groups), tuple(tuple(c) for c in chunks), tuple(micro_batches))
+
+
+def schedule_plan(
+    input_ids: Sequence[torch.Tensor],
+    response_start: Sequence[int],
+    group_ids: Sequence[Hashable],
+    config: PrefixReuseConfig,
+) -> SchedulePlan:
+    """The plan the schedule runs for `config` (its budget, minimum spans and tree settings)."""
+    return make_plan(
+        input_ids,
+        response_start,
+        group_ids,
+        config.max_tokens_per_micro_batch,
+        config.min_prefix_tokens,
+        tree=config.prefix_tree,
+        min_node_saving=config.min_node_saving,
+    )

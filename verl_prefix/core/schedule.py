@@ -35,7 +35,7 @@ from .config import PrefixReuseConfig, ScheduleStats
 from .flops import FlopModel
 from .memory import phase_peak, saved_tensors_on_cpu
 from .moe import PrefixRouterLogits, RouterSpec, load_balancing_loss, router_spec
-from .plan import SchedulePlan, Segment, make_plan
+from .plan import SchedulePlan, Segment, schedule_plan
 from .prefix_kv import PrefixKV, PrefixRef, accumulation_dtype
 from .runtime import ScheduleRuntime, SequenceParallel
 
@@ -199,15 +199,7 @@ def _start(model, input_ids, response_start, group_ids, config, runtime, readout
         _check_row_temperature(row_temperature, len(rows))
         if runtime.sequence_parallel is not None:
             _check_sequence_parallel(model, runtime.sequence_parallel, config)
-        plan = make_plan(
-            rows,
-            response_start,
-            group_ids,
-            config.max_tokens_per_micro_batch,
-            config.min_prefix_tokens,
-            tree=config.prefix_tree,
-            min_node_saving=config.min_node_saving,
-        )
+        plan = schedule_plan(rows, response_start, group_ids, config)
         counts = [len(plan.prefix_chunks), len(plan.micro_batches)]
     except ValueError as exc:  # every rank learns of it below: the others must not wait in a collective
         error, counts = exc, [0, 0]
