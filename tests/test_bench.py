@@ -111,7 +111,7 @@ def test_cli_bench_sweep_json_and_plot(tmp_path, capsys):
     args = small_args(group_size="2,4", prefix_activations="keep,offload", capacity="true", max_capacity_rows=8)
     assert main(["bench", *args, "--quiet", "--json", str(out), "--plot", str(png)]) == 0
     table = capsys.readouterr().out
-    assert table.count("| 24 | 6 |") == 4  # one table line per point
+    assert table.count("| 24 | - | 6 |") == 4  # one table line per point (P, no shared turns, S)
     doc = json.loads(out.read_text())
     jsonschema.validate(doc, JSON_SCHEMA)
     points = [(p["config"]["group_size"], p["config"]["prefix_activations"]) for p in doc["results"]]

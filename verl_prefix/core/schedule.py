@@ -470,10 +470,14 @@ def _shared_log_probs(
     `step.node_outputs`; rows `indices[k]` read `counts[k]` of them in turn). Under one temperature
     each read-out row's log-normaliser (and entropy) is computed once however many rows read it, so
     the work and memory are those of the distinct positions; the leaf's gradient sums every
-    reader's. Per-row temperatures: each row's share computed on its own."""
-    if step.row_temperature is not None:
+    reader's. Rows at different temperatures: each row's share computed on its own."""
+    temperatures = {step.config.temperature}
+    if step.row_temperature is not None:  # verl hands every row its temperature, mostly one value
+        temperatures = {float(step.row_temperature[r]) for r, n in zip(indices, counts, strict=True) if n}
+    if len(temperatures) > 1:
         rows = torch.cat([step.node_outputs[c][a:b] for c, a, b in pieces])
         return token_log_probs(rows, labels, _temperatures(step, indices, counts), entropy)
+    (temperature,) = temperatures
     chunks = sorted({c for c, _, _ in pieces})
     starts = list(itertools.accumulate([0] + [len(step.node_outputs[c]) for c in chunks]))
     base = dict(zip(chunks, starts, strict=False))  # the chunks' read-outs, numbered one after another
@@ -481,8 +485,8 @@ def _shared_log_probs(
     distinct, reader = torch.unique(positions, return_inverse=True)  # sorted, so chunk by chunk
     per_chunk = torch.tensor_split(distinct, torch.searchsorted(distinct, distinct.new_tensor(starts[1:-1])).tolist())
     logits = torch.cat([step.node_outputs[c][rows - base[c]] for c, rows in zip(chunks, per_chunk, strict=True)])
-    if step.config.temperature != 1.0:
-        logits = logits / step.config.temperature
+    if temperature != 1.0:
+        logits = logits / temperature
     lse = torch.logsumexp(logits, dim=-1)
     log_probs = logits[reader, labels] - lse[reader]
     if not entropy:
