@@ -89,6 +89,45 @@ def dense_entropies(model: torch.nn.Module, batch: Batch, temperature: float = 1
     return out[1]
 
 
+def shared_response_batch(seed: int = 1) -> Batch:
+    """Rows that share response tokens (the loss-carrying spans of tree rollouts and multi-turn rows).
+
+    uid "tree": five samples of one prompt that share a 6-token first turn; rows 0-2 share 4 more
+    tokens, rows 1 and 2 are identical (duplicate samples), row 3's response is the start of row 4's.
+    uid "turn1" / "turn2": a multi-turn trajectory and its second turn trained as a row of its own
+    (its prompt holds the first row's prompt and first turn, so the shared span has members with
+    different response starts). uid "plain": two samples sharing their prompt only.
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def tokens(n):
+        return torch.randint(0, VOCAB, (n,), generator=gen)
+
+    prompt, turn, stem = tokens(8), tokens(6), tokens(4)
+    twin = tokens(3)
+    longer = tokens(7)
+    tree = [
+        (prompt, torch.cat([turn, stem, tokens(2)])),
+        (prompt, torch.cat([turn, stem, twin])),
+        (prompt, torch.cat([turn, stem, twin])),
+        (prompt, torch.cat([turn, longer[:3]])),
+        (prompt, torch.cat([turn, longer])),
+    ]
+    question, first_turn = tokens(7), tokens(5)
+    turns = [
+        ("turn1", question, torch.cat([first_turn, tokens(4)])),
+        ("turn2", torch.cat([question, first_turn]), tokens(3)),
+    ]
+    plain = tokens(6)
+    rows = [("tree", p, r) for p, r in tree] + turns + [("plain", plain, tokens(n)) for n in (3, 5)]
+    return Batch(
+        [torch.cat([p, r]) for _, p, r in rows],
+        [len(p) for _, p, _ in rows],
+        [uid for uid, _, _ in rows],
+        [torch.randn(len(r), generator=gen, dtype=torch.float64) for _, _, r in rows],
+    )
+
+
 def dense_values(model: torch.nn.Module, batch: Batch) -> list[torch.Tensor]:
     """Per-row values of a one-label value model, each row alone (response token t's at position t - 1)."""
     return [

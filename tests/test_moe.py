@@ -10,7 +10,7 @@ from functools import partial
 
 import pytest
 import torch
-from dense_reference import dense_grads, dense_moe_grads, make_batch, rel_err
+from dense_reference import dense_grads, dense_moe_grads, make_batch, rel_err, shared_response_batch
 from tiny_models import build
 
 from verl_prefix.core import PrefixReuseConfig, forward_backward
@@ -71,10 +71,8 @@ def test_aux_loss_and_every_gradient_match_dense(mode, budget):
 def test_aux_loss_counts_every_span_of_a_tree_once_per_row(mode):
     """Nested spans (a system prompt over the groups, shared response stems, duplicate rows): each
     span's router statistics enter every micro-batch once per row of it that reads the span."""
-    from test_tree import _shared_response_batch
-
     model = build("qwen3_moe", torch.float64)
-    batch = _shared_response_batch()
+    batch = shared_response_batch()
     micro_batches = partition(batch, 16, min_node_saving=0)
     ref, ref_aux = dense_moe_grads(model, batch, micro_batches, COEF)
     config = PrefixReuseConfig(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 import verl_support as vs
-from dense_reference import dense_entropies, dense_grads, dense_values, make_batch, rel_err
+from dense_reference import dense_entropies, dense_grads, dense_values, make_batch, rel_err, shared_response_batch
 from tiny_models import build, build_value_model
 
 from verl_prefix.core import PrefixReuseConfig, ScheduleRuntime, compute_log_probs, compute_values, forward_backward
@@ -42,9 +42,7 @@ def _core_case(case: dict, sp_group) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": case["checkpointing"]})
     config = PrefixReuseConfig(attention=case["attention"], max_tokens_per_micro_batch=24)
     if case.get("batch") == "shared_responses":  # tree rollouts and multi-turn rows, every node kept
-        from test_tree import _shared_response_batch
-
-        batch, config.min_node_saving = _shared_response_batch(), 0
+        batch, config.min_node_saving = shared_response_batch(), 0
     else:
         batch = make_batch(CORE_GROUPS, seed=1)
     rows, starts, gids = batch.input_ids, batch.response_start, batch.group_ids

@@ -198,52 +198,12 @@ def test_a_node_longer_than_the_budget_is_a_chain_of_passes():
     _assert_equivalent(build("llama"), batch, config, FP64_TOL)
 
 
-def _shared_response_batch(seed: int = 1):
-    """Rows that share response tokens (the loss-carrying spans of tree rollouts and multi-turn rows).
-
-    uid "tree": five samples of one prompt that share a 6-token first turn; rows 0-2 share 4 more
-    tokens, rows 1 and 2 are identical (duplicate samples), row 3's response is the start of row 4's.
-    uid "turn1" / "turn2": a multi-turn trajectory and its second turn trained as a row of its own
-    (its prompt holds the first row's prompt and first turn, so the shared span has members with
-    different response starts). uid "plain": two samples sharing their prompt only.
-    """
-    from dense_reference import VOCAB, Batch
-
-    gen = torch.Generator().manual_seed(seed)
-
-    def tokens(n):
-        return torch.randint(0, VOCAB, (n,), generator=gen)
-
-    prompt, turn, stem = tokens(8), tokens(6), tokens(4)
-    twin = tokens(3)
-    longer = tokens(7)
-    tree = [
-        (prompt, torch.cat([turn, stem, tokens(2)])),
-        (prompt, torch.cat([turn, stem, twin])),
-        (prompt, torch.cat([turn, stem, twin])),
-        (prompt, torch.cat([turn, longer[:3]])),
-        (prompt, torch.cat([turn, longer])),
-    ]
-    question, first_turn = tokens(7), tokens(5)
-    turns = [
-        ("turn1", question, torch.cat([first_turn, tokens(4)])),
-        ("turn2", torch.cat([question, first_turn]), tokens(3)),
-    ]
-    plain = tokens(6)
-    rows = [("tree", p, r) for p, r in tree] + turns + [("plain", plain, tokens(n)) for n in (3, 5)]
-    return Batch(
-        [torch.cat([p, r]) for _, p, r in rows],
-        [len(p) for _, p, _ in rows],
-        [uid for uid, _, _ in rows],
-        [torch.randn(len(r), generator=gen, dtype=torch.float64) for _, _, r in rows],
-    )
-
-
 @pytest.mark.parametrize("checkpointing", [None, True, False])
 @pytest.mark.parametrize("mode", ["keep", "offload", "recompute"])
 def test_shared_response_tokens_match_dense_fp64(mode, checkpointing):
     """Response tokens several rows hold run once; each row's loss reads their log-probs, so their
     gradient weights add exactly as in dense training."""
+    from dense_reference import shared_response_batch
     from test_equivalence import FP64_TOL, _assert_equivalent
     from tiny_models import build
 
@@ -253,7 +213,7 @@ def test_shared_response_tokens_match_dense_fp64(mode, checkpointing):
     if checkpointing is not None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing})
     config = PrefixReuseConfig(max_tokens_per_micro_batch=16, prefix_activations=mode, min_node_saving=0)
-    stats = _assert_equivalent(model, _shared_response_batch(), config, FP64_TOL)
+    stats = _assert_equivalent(model, shared_response_batch(), config, FP64_TOL)
     # "tree": prompt + first turn (14 tokens, 5 rows); the stem (4, rows 0-2); the twins' 3 tokens and
     # row 3's 3 tokens (2 each: a row's last token stays its own); "turn1"/"turn2": question + first
     # turn (12; read out from the first row's first response token on); "plain": the prompt (6)
@@ -266,13 +226,13 @@ def test_shared_response_outputs_entropies_temperatures_and_values(per_row):
     """Log-probs and entropies at per-row temperatures (or one temperature: each shared position's
     normaliser computed once for all its readers), the entropy bonus's gradient, and a value model's
     values and gradients, each against dense, on rows sharing response tokens."""
-    from dense_reference import dense_values, rel_err
+    from dense_reference import dense_values, rel_err, shared_response_batch
     from test_equivalence import FP64_TOL
     from tiny_models import build, build_value_model
 
     from verl_prefix.core import PrefixReuseConfig, compute_log_probs, compute_values, forward_backward
 
-    batch = _shared_response_batch(seed=2)
+    batch = shared_response_batch(seed=2)
     temps = [0.5, 0.9, 1.3, 2.0, 0.7, 1.1, 0.8, 1.0, 1.6] if per_row else [0.7] * 9
     row_temperature = temps if per_row else None
     config = PrefixReuseConfig(max_tokens_per_micro_batch=16, min_node_saving=0, temperature=temps[0])

@@ -117,7 +117,6 @@ class BenchConfig:
             "turns",
             "max_tokens_per_micro_batch",
         )
-
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)} must be >= 1.")

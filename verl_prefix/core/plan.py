@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import PrefixReuseConfig
-from .tree import build_prefix_tree, common_prefix_len, path_to, without_small_nested_nodes
+from .tree import build_prefix_tree, path_to, without_small_nested_nodes
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,19 @@ class SchedulePlan:
     def micro_batch_rows(self) -> list[tuple[int, ...]]:
         """Rows of each Phase-B micro-batch, in order (the partition a per-micro-batch loss sees)."""
         return [tuple(r for seg in mb for r in seg.rows) for mb in self.micro_batches]
+
+
+def common_prefix_len(rows: Sequence[torch.Tensor]) -> int:
+    """Length of the longest common token prefix of 1-D tensors."""
+    first = rows[0]
+    lcp = len(first)
+    for other in rows[1:]:
+        n = min(lcp, len(other))
+        mismatch = (first[:n] != other[:n]).nonzero()
+        lcp = int(mismatch[0, 0]) if len(mismatch) else n
+        if lcp == 0:
+            break
+    return lcp
 
 
 def find_prefix_groups(

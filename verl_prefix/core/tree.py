@@ -3,8 +3,8 @@
 A node is a span [start, end) of tokens that every row in `rows` holds at the same positions, below
 its parent's span (parent.end == start). A row's path is the chain of nodes from the root to its
 deepest node; the row's own part (its suffix) starts where that node ends. Every row's nodes end
-before its last shareable token (`limit[r]`): the logit at a row's last prompt token predicts its first
-response token, so that token stays in the row's own part (as the one-level schedule keeps it).
+within its first `limit[r]` tokens (the schedule passes all but the last, so every row keeps a part
+of its own).
 
 Built from the rows sorted by their tokens and the longest common prefixes of neighbours (the LCP of a
 sorted run is the minimum of its neighbours' LCPs), not pairwise: O(rows log rows) comparisons plus
@@ -54,19 +54,6 @@ def path_to(node: int | None, parent_of: Callable[[int], int | None]) -> list[in
         out.append(node)
         node = parent_of(node)
     return out[::-1]
-
-
-def common_prefix_len(rows: Sequence[torch.Tensor]) -> int:
-    """Length of the longest common token prefix of 1-D tensors."""
-    first = rows[0]
-    lcp = len(first)
-    for other in rows[1:]:
-        n = min(lcp, len(other))
-        mismatch = (first[:n] != other[:n]).nonzero()
-        lcp = int(mismatch[0, 0]) if len(mismatch) else n
-        if lcp == 0:
-            break
-    return lcp
 
 
 def build_prefix_tree(input_ids: Sequence[torch.Tensor], limit: Sequence[int], min_node_tokens: int = 1) -> PrefixTree:
@@ -138,7 +125,7 @@ def _topological(nodes: list[TreeNode], row_node: list[int | None]) -> PrefixTre
 def without_small_nested_nodes(tree: PrefixTree, min_saving: int) -> PrefixTree:
     """`tree` without the nested nodes (ones with a parent or a child) whose pass saves fewer than
     `min_saving` token computations: without the node its span would run once in each of its
-    consumers (child nodes and rows whose deepest node it is), so it saves span x (consumers - 1).
+    readers (child nodes and rows whose deepest node it is), so it saves span x (readers - 1).
     A nested node costs one more model pass per phase. The least saving goes first; its children
     take over its span (and its parent), its rows read its parent; savings above only grow. A node
     with neither parent nor child (a group's one prefix) stays."""
@@ -162,7 +149,7 @@ def without_small_nested_nodes(tree: PrefixTree, min_saving: int) -> PrefixTree:
     heapq.heapify(heap)
     while heap and heap[0][0] < min_saving:
         key, k = heapq.heappop(heap)
-        if key != saving(k):  # it gained span or consumers since: queue it anew
+        if key != saving(k):  # it gained span or readers since: queue it anew
             heapq.heappush(heap, (saving(k), k))
             continue
         if parent[k] is None and not children[k]:  # alone on its rows' paths; stays so
