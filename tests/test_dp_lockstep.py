@@ -51,6 +51,27 @@ def test_one_rank_shares_the_other_shares_nothing(model_dir, tmp_path, engine):
     assert result["max_log_prob_diff"] <= LOG_PROB_TOL
 
 
+def test_one_rank_shares_a_tree_with_responses_the_other_shares_nothing(model_dir, tmp_path):
+    """Rank 0 holds a two-level tree (a 16-token system prompt over its two groups, then each group's
+    question with its responses' 3-token common start, whose log-probs every row reads), rank 1 rows
+    that share nothing; gradient checkpointing on."""
+    case = {
+        "groups_per_rank": {0: [(6, [5, 7, 4]), (8, [4, 6, 5])], 1: NOTHING_SHARED},
+        "batch_per_rank": {0: {"system_len": 16, "response_stem": 3}},
+        "engine": {"enable_gradient_checkpointing": True, "prefix_reuse": {"min_node_saving": 0}},
+    }
+    result = _run(model_dir, tmp_path, case)
+    rank0, rank1 = result["metrics"]
+    assert rank0["prefix_reuse/groups"] == [3.0] and rank1["prefix_reuse/groups"] == [0.0]
+    assert rank0["prefix_reuse/prefix_tokens"] == [16.0 + 6 + 3 + 8 + 3]
+    keys = ("prefix_chunks", "micro_batches", "padding_passes")
+    totals = [sum(r[f"prefix_reuse/{k}"][0] for k in keys) for r in (rank0, rank1)]
+    assert totals[0] == totals[1]
+    assert rank0["prefix_reuse/fallbacks"] == rank1["prefix_reuse/fallbacks"] == [0.0]
+    assert result["max_rel_err"] <= GRAD_TOL
+    assert result["max_log_prob_diff"] <= LOG_PROB_TOL
+
+
 def test_critic_one_rank_shares_the_other_shares_nothing(tmp_path):
     """The same for verl's critic: value-loss gradients and forward-only values."""
     critic_dir = vs.save_tiny_qwen3(str(tmp_path / "critic"), seed=1, value_model=True)

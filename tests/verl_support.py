@@ -121,7 +121,8 @@ def two_rank_compare(rank: int, port: int, model_dir: str, out_dir: str, case: d
     """mp.spawn target (dp=2 over gloo): stock vs reuse on one mini-batch per rank.
 
     case: `groups_per_rank` {rank: [(prompt_len, [response lengths]), ...]} (make_batch groups),
-    `engine` (build_worker kwargs) and `critic` (a value model at `model_dir`: value_loss, values). Runs a training
+    `batch_per_rank` {rank: more make_batch kwargs, e.g. system_len, response_stem}, `engine`
+    (build_worker kwargs) and `critic` (a value model at `model_dir`: value_loss, values). Runs a training
     forward_backward_batch (gradients before the optimizer step) and an infer_batch (log-probs or
     values) on both engines; rank 0 writes result.json with the largest relative gradient
     difference, the largest absolute per-token output difference and the reuse metrics of both ranks.
@@ -142,7 +143,8 @@ def two_rank_compare(rank: int, port: int, model_dir: str, out_dir: str, case: d
     loss_fn, output_key = (value_loss_fn(), "values") if critic else (ppo_loss_fn(), "log_probs")
 
     def batch():
-        data = make_batch(case["groups_per_rank"][rank], seed=rank, critic=critic)
+        extra = case.get("batch_per_rank", {}).get(rank, {})
+        data = make_batch(case["groups_per_rank"][rank], seed=rank, critic=critic, **extra)
         flags = dict(use_remove_padding=True, use_dynamic_bsz=True, max_token_len_per_gpu=budget)
         tu.assign_non_tensor(data, **flags, use_fused_kernels=False)
         return data
